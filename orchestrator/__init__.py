@@ -1,0 +1,1 @@
+"""cuepipe orchestrator: pipelines, jobs, supervised workers, event relay and the CLI."""

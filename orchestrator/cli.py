@@ -1,0 +1,250 @@
+"""``cuepipe`` command line: run, pipelines, check, demo, models.
+
+Exit codes of ``cuepipe run``: 0 done; 1 a stage failed; 2 the request itself is wrong (invalid
+pipelines file, unknown pipeline, bad ``--set``, missing input or model); 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from orchestrator.events import JOB_FAILED, NO_EXIT_CODE
+from orchestrator.job import Job, JobResult, JobState, new_job_id
+from orchestrator.pipeline import (
+    ConfigError,
+    Pipeline,
+    PipelineFile,
+    apply_overrides,
+    find_file,
+    load_file,
+    missing_resources,
+)
+from orchestrator.terminal import EventDisplay
+from stages.events import ErrorKind, Event, EventSender, parse_address
+
+log = logging.getLogger("cuepipe")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@contextmanager
+def cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
+    """Ctrl-C / SIGTERM (SIGBREAK on Windows) set ``cancel``; the Job stops its stage and reports."""
+    names = ["SIGINT", "SIGTERM", "SIGBREAK"]
+    signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            previous[sig] = signal.signal(sig, lambda *_: cancel.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_job(
+    pipelines: PipelineFile | None,
+    name: str,
+    input: Path,
+    reports: Sequence[tuple[str, int]],
+    sets: Sequence[str] = (),
+    out: Path | None = None,
+    json_lines: bool = False,
+    keep_work: bool = False,
+    config_error: ConfigError | None = None,
+    extra_sink: Callable[[Event], None] | None = None,
+) -> tuple[int, JobResult | None]:
+    """Run one Job with Events to ``reports`` and the terminal; returns (exit code, result)."""
+    pipeline: Pipeline | None = None
+    kind, message = ErrorKind.CONFIG_INVALID, ""
+    if config_error is not None:
+        message = str(config_error)
+    elif pipelines is not None and name not in pipelines.pipelines:
+        kind = ErrorKind.UNKNOWN_PIPELINE
+        message = f"unknown pipeline {name!r} in {pipelines.path} (known: {', '.join(pipelines.pipelines)})"
+    elif pipelines is not None:
+        try:
+            pipeline = apply_overrides(pipelines, pipelines.pipelines[name], list(sets))
+            missing = missing_resources(pipeline)
+            if missing:
+                kind, message = ErrorKind.MODEL_MISSING, "; ".join(missing)
+                pipeline = None
+        except ConfigError as exc:
+            message = str(exc)
+    targets = list(reports) + (list(pipeline.report) if pipeline else [])
+    with EventSender(targets) as sender, EventDisplay(json_lines) as display:
+        def sink(event: Event) -> None:
+            sender.emit(event)
+            display.show(event)
+            if extra_sink:
+                extra_sink(event)
+
+        if pipeline is None:
+            job_id = new_job_id()
+            sink(Event(JOB_FAILED, {"job": job_id, "index": -1, "stage": "", "exit_code": NO_EXIT_CODE,
+                                    "kind": kind.value, "message": message}))
+            return EXIT_USAGE, None
+        cancel = threading.Event()
+        job = Job(pipeline, input, sink, out_dir=out, cancel=cancel, keep_work=keep_work)
+        with cancel_on_signals(cancel):
+            result = job.run()
+    if result.state is JobState.DONE:
+        return EXIT_OK, result
+    if result.state is JobState.CANCELLED:
+        return EXIT_CANCELLED, result
+    if result.stage_index < 0:  # rejected before any stage ran: the request was wrong
+        return EXIT_USAGE, result
+    return EXIT_FAILED, result
+
+
+def load_pipelines(path: Path | None) -> tuple[PipelineFile | None, ConfigError | None]:
+    try:
+        return load_file(find_file(path)), None
+    except ConfigError as exc:
+        return None, exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    pipelines, error = load_pipelines(args.pipelines)
+    code, result = run_job(pipelines, args.pipeline, Path(args.input), args.report, args.set, args.out,
+                           args.json, args.keep_work, error)
+    if result is not None and result.state is JobState.DONE and not args.json:
+        for path in result.outputs:
+            print(path)
+    return code
+
+
+def describe(pipelines: PipelineFile) -> dict[str, Any]:
+    """The pipelines file as JSON-ready data (what ``cuepipe pipelines --json`` prints for TD)."""
+    return {
+        "file": str(pipelines.path),
+        "pipelines": [
+            {
+                "name": p.name,
+                "description": p.description,
+                "out": str(p.out),
+                "stages": [
+                    {"stage": s.name, "params": dict(s.params), "timeout": s.timeout,
+                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep}
+                    for s in p.stages
+                ],
+            }
+            for p in pipelines.pipelines.values()
+        ],
+    }
+
+
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    pipelines, error = load_pipelines(args.pipelines)
+    if error or pipelines is None:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(describe(pipelines), indent=2))
+        return EXIT_OK
+    print(f"# {pipelines.path}")
+    for p in pipelines.pipelines.values():
+        print(f"{p.name:<16} {' -> '.join(s.name for s in p.stages):<40} {p.description}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    pipelines, error = load_pipelines(args.pipelines)
+    if error or pipelines is None:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    problems: list[str] = []
+    for p in pipelines.pipelines.values():
+        missing = missing_resources(p)
+        problems += missing
+        print(f"{'ok     ' if not missing else 'MISSING'} {p.name}")
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as exc:  # any failure means the same thing to the user: no ffmpeg
+        problems.append(f"ffmpeg (imageio-ffmpeg) not usable: {exc}")
+    for line in problems:
+        print(f"  - {line}", file=sys.stderr)
+    print(f"{pipelines.path}: {len(pipelines.pipelines)} pipeline(s), {len(problems)} problem(s)")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import demo
+
+    return demo(out=args.out, reports=args.report, json_lines=args.json, pipeline=args.pipeline)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.cli import models_command
+
+    return models_command(list(args.rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cuepipe", description="Run video ML pipelines as supervised stages.")
+    parser.add_argument("--pipelines", type=Path, help="pipelines file (default: $CUEPIPE_PIPELINES, "
+                        "./pipelines.toml, then the repository's)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a pipeline on one input")
+    run.add_argument("pipeline")
+    run.add_argument("input")
+    run.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                     help="override a stage parameter (STAGE: name or index; repeatable)")
+    run.add_argument("--report", action="append", default=[], type=_address, metavar="HOST:PORT",
+                     help="send Job Events here, e.g. TouchDesigner's OSC In DAT (repeatable)")
+    run.add_argument("--out", type=Path, help="output folder (default: the pipeline's 'out')")
+    run.add_argument("--json", action="store_true", help="print Events as JSON lines instead of a progress bar")
+    run.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    run.set_defaults(func=cmd_run)
+
+    pls = sub.add_parser("pipelines", help="list pipelines and their stages")
+    pls.add_argument("--json", action="store_true")
+    pls.set_defaults(func=cmd_pipelines)
+
+    chk = sub.add_parser("check", help="validate the pipelines file and report what is missing")
+    chk.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="fetch the model, make a synthetic clip, run the default pipeline")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument("--pipeline", default=None, help="pipeline to run (default: the embedded default)")
+    demo.add_argument("--report", action="append", default=[], type=_address, metavar="HOST:PORT")
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    mdl = sub.add_parser("models", help="list | fetch NAME | verify: the ONNX model manifest", add_help=False)
+    mdl.add_argument("rest", nargs=argparse.REMAINDER)
+    mdl.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

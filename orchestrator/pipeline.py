@@ -1,0 +1,276 @@
+"""Pipelines: ``pipelines.toml`` parsed once into frozen dataclasses and validated completely.
+
+Every error names the file, the pipeline, the stage and the key, so an artist can fix the file
+without reading code. Nothing is started before the whole file validates.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from orchestrator import defaults
+from stages import STAGES, load
+from stages.events import parse_address
+from stages.stage import Param, ParamKind
+
+
+class ConfigError(Exception):
+    """``pipelines.toml`` is invalid; the message names file, pipeline, stage and key."""
+
+    def __init__(
+        self, file: Path | str, message: str, pipeline: str | None = None,
+        stage: str | None = None, key: str | None = None,
+    ) -> None:
+        where = [str(file)]
+        if pipeline is not None:
+            where.append(f"pipeline {pipeline!r}")
+        if stage is not None:
+            where.append(f"stage {stage}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        super().__init__(": ".join([", ".join(where), message]))
+        self.file, self.pipeline, self.stage, self.key = str(file), pipeline, stage, key
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a Pipeline: which stage program, its parameters and its supervision limits."""
+
+    name: str
+    params: Mapping[str, Any]
+    timeout: float
+    stall_timeout: float | None
+    retries: int
+    keep: bool  # also publish this stage's outputs (the last stage's are always published)
+
+    def label(self, index: int) -> str:
+        return f"{index} {self.name!r}"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    description: str
+    stages: tuple[Stage, ...]
+    out: Path
+    report: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class PipelineFile:
+    path: Path
+    pipelines: Mapping[str, Pipeline] = field(default_factory=dict)
+
+
+_STAGE_KEYS = {"stage", "params", "timeout", "stall_timeout", "retries", "keep"}
+_PIPELINE_KEYS = {"description", "stages", "out", "report"}
+_DEFAULT_KEYS = {"timeout", "stall_timeout", "retries", "out", "report"}
+
+
+def find_file(explicit: Path | None = None) -> Path:
+    """The pipelines file: ``--pipelines``, ``$CUEPIPE_PIPELINES``, ``./pipelines.toml``, the repo's."""
+    for candidate in (explicit, os.environ.get("CUEPIPE_PIPELINES")):
+        if candidate:
+            return Path(candidate)
+    local = Path.cwd() / defaults.PIPELINES_FILE
+    return local if local.is_file() else defaults.REPO_ROOT / defaults.PIPELINES_FILE
+
+
+def stage_params(name: str) -> Mapping[str, Param]:
+    params: Mapping[str, Param] = load(name).PARAMS
+    return params
+
+
+def coerce_params(
+    file: Path | str, pipeline: str, label: str, stage: str, raw: Mapping[str, Any], base: Path,
+) -> dict[str, Any]:
+    """Check every parameter against the stage's declared ``PARAMS``; anchor paths at ``base``."""
+    declared = stage_params(stage)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise ConfigError(file, f"unknown parameter (stage {stage!r} takes: {known})", pipeline, label, key)
+        try:
+            value = declared[key].coerce(value)
+        except ValueError as exc:
+            raise ConfigError(file, str(exc), pipeline, label, key) from None
+        out[key] = _anchor(base, declared[key], value)
+    return out
+
+
+def _anchor(base: Path, param: Param, value: Any) -> Any:
+    """Relative file paths in parameters are relative to the pipelines file (stages run elsewhere)."""
+    is_path = param.kind is ParamKind.PATH or (param.kind is ParamKind.MODEL and str(value).endswith(".onnx"))
+    if is_path and isinstance(value, str) and value and not Path(value).is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def _number(file: Path, value: Any, what: str, pipeline: str | None, label: str | None, key: str,
+            integer: bool = False) -> Any:
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or value < 0:
+        kind = "a non-negative integer" if integer else "a non-negative number"
+        raise ConfigError(file, f"{what} must be {kind}, got {value!r}", pipeline, label, key)
+    return value
+
+
+def _reports(file: Path, value: Any, pipeline: str | None) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(file, f'expected a list of "HOST:PORT" strings, got {value!r}', pipeline, key="report")
+    try:
+        return tuple(parse_address(v) for v in value)
+    except ValueError as exc:
+        raise ConfigError(file, str(exc), pipeline, key="report") from None
+
+
+def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, Any]) -> Stage:
+    label = str(index)
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "each stage must be a table", pipeline, label)
+    name = raw.get("stage")
+    if not isinstance(name, str):
+        raise ConfigError(file, "missing stage name", pipeline, label, "stage")
+    if name not in STAGES:
+        raise ConfigError(file, f"unknown stage {name!r} (known: {', '.join(STAGES)})", pipeline, label, "stage")
+    label = f"{index} {name!r}"
+    try:
+        stage_params(name)
+    except ImportError as exc:
+        raise ConfigError(file, f"stage module {STAGES[name]!r} cannot be imported: {exc}", pipeline, label,
+                          "stage") from None
+    for key in raw:
+        if key not in _STAGE_KEYS:
+            raise ConfigError(file, f"unknown key (allowed: {', '.join(sorted(_STAGE_KEYS))})", pipeline, label, key)
+    params = raw.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(file, "params must be a table", pipeline, label, "params")
+    merged = {**base, **{k: raw[k] for k in ("timeout", "stall_timeout", "retries") if k in raw}}
+    keep = raw.get("keep", False)
+    if not isinstance(keep, bool):
+        raise ConfigError(file, f"keep must be true or false, got {keep!r}", pipeline, label, "keep")
+    stall = merged.get("stall_timeout")
+    return Stage(
+        name=name,
+        params=MappingProxyType(coerce_params(file, pipeline, label, name, params, file.parent)),
+        timeout=float(_number(file, merged["timeout"], "timeout", pipeline, label, "timeout")),
+        stall_timeout=None if stall in (None, 0) else float(
+            _number(file, stall, "stall_timeout", pipeline, label, "stall_timeout")),
+        retries=int(_number(file, merged["retries"], "retries", pipeline, label, "retries", integer=True)),
+        keep=keep,
+    )
+
+
+def parse(text: str, path: Path) -> PipelineFile:
+    """Parse and validate the whole file; raise ConfigError at the first problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"invalid TOML: {exc}") from None
+    version = data.get("version", 1)
+    if version != 1:
+        raise ConfigError(path, f"unsupported version {version!r} (this cuepipe reads version 1)", key="version")
+    for key in data:
+        if key not in {"version", "defaults", "pipelines"}:
+            raise ConfigError(path, "unknown top-level key (allowed: version, defaults, pipelines)", key=key)
+    raw_defaults = data.get("defaults", {})
+    for key in raw_defaults:
+        if key not in _DEFAULT_KEYS:
+            raise ConfigError(path, f"unknown key in [defaults] (allowed: {', '.join(sorted(_DEFAULT_KEYS))})",
+                              key=key)
+    base = {"timeout": defaults.STAGE_TIMEOUT, "stall_timeout": defaults.STALL_TIMEOUT,
+            "retries": defaults.STAGE_RETRIES}
+    base.update({k: raw_defaults[k] for k in ("timeout", "stall_timeout", "retries") if k in raw_defaults})
+    default_out = raw_defaults.get("out", defaults.OUT_DIR)
+    default_report = _reports(path, raw_defaults.get("report", []), None)
+    pipelines_raw = data.get("pipelines", {})
+    if not isinstance(pipelines_raw, dict) or not pipelines_raw:
+        raise ConfigError(path, "no pipelines declared (add a [pipelines.NAME] table)", key="pipelines")
+    pipelines: dict[str, Pipeline] = {}
+    for pname, praw in pipelines_raw.items():
+        if not isinstance(praw, dict):
+            raise ConfigError(path, "must be a table", pname)
+        for key in praw:
+            if key not in _PIPELINE_KEYS:
+                raise ConfigError(path, f"unknown key (allowed: {', '.join(sorted(_PIPELINE_KEYS))})", pname, key=key)
+        stages_raw = praw.get("stages")
+        if not isinstance(stages_raw, list) or not stages_raw:
+            raise ConfigError(path, "needs at least one [[pipelines.NAME.stages]] entry", pname, key="stages")
+        out = praw.get("out", default_out)
+        if not isinstance(out, str) or not out:
+            raise ConfigError(path, f"out must be a folder path string, got {out!r}", pname, key="out")
+        description = praw.get("description", "")
+        if not isinstance(description, str):
+            raise ConfigError(path, "description must be a string", pname, key="description")
+        pipelines[pname] = Pipeline(
+            name=pname,
+            description=description,
+            stages=tuple(_stage(path, pname, i, s, base) for i, s in enumerate(stages_raw)),
+            # Relative folders are relative to the pipelines file, not to whatever folder TD runs in.
+            out=(path.parent / out).resolve(),
+            report=default_report + _reports(path, praw.get("report", []), pname),
+        )
+    return PipelineFile(path=path, pipelines=MappingProxyType(pipelines))
+
+
+def load_file(path: Path) -> PipelineFile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "file not found (use --pipelines FILE or set CUEPIPE_PIPELINES)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"cannot read: {exc}") from None
+    return parse(text, path)
+
+
+def missing_resources(pipeline: Pipeline) -> list[str]:
+    """Models and files a pipeline's parameters name that are not present (``cuepipe check``)."""
+    from models import ModelError, resolve  # models/ is stdlib-only; imported late to keep start-up light
+
+    problems = []
+    for index, stage in enumerate(pipeline.stages):
+        declared = stage_params(stage.name)
+        for key, param in declared.items():
+            value = stage.params.get(key, param.default)
+            if value is None:
+                continue
+            where = f"pipeline {pipeline.name!r}, stage {stage.label(index)}, key {key!r}"
+            if param.kind is ParamKind.MODEL:
+                try:
+                    resolve(str(value))
+                except ModelError as exc:
+                    problems.append(f"{where}: missing model: {exc}")
+            elif param.kind is ParamKind.PATH and not Path(str(value)).exists():
+                problems.append(f"{where}: missing file {value}")
+    return problems
+
+
+def apply_overrides(file: PipelineFile, pipeline: Pipeline, sets: list[str]) -> Pipeline:
+    """Apply ``--set STAGE.KEY=VALUE`` (STAGE: a stage name or index) with the same validation."""
+    stages = list(pipeline.stages)
+    for text in sets:
+        target, eq, value = text.partition("=")
+        stage_ref, dot, key = target.partition(".")
+        if not eq or not dot or not key:
+            raise ConfigError("--set", f"expected STAGE.KEY=VALUE, got {text!r}", pipeline.name)
+        if stage_ref.isdigit():
+            indices = [int(stage_ref)] if int(stage_ref) < len(stages) else []
+        else:
+            indices = [i for i, s in enumerate(stages) if s.name == stage_ref]
+        if not indices:
+            names = ", ".join(f"{i} {s.name!r}" for i, s in enumerate(stages))
+            raise ConfigError("--set", f"no stage {stage_ref!r} in this pipeline (stages: {names})", pipeline.name)
+        for i in indices:
+            stage = stages[i]
+            label = stage.label(i)
+            # A value typed on the command line: relative paths are relative to the current folder.
+            params = coerce_params("--set", pipeline.name, label, stage.name, {key: value}, Path.cwd())
+            stages[i] = replace(stage, params=MappingProxyType({**stage.params, **params}))
+    return replace(pipeline, stages=tuple(stages))

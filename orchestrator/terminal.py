@@ -1,0 +1,69 @@
+"""EventDisplay: what ``cuepipe run`` shows in the terminal — a progress bar, or JSON lines.
+
+Progress bars go to stderr (tqdm hides them when stderr is not a terminal); ``--json`` prints one
+JSON object per Job Event on stdout for programs (TD's launcher, scripts) to read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO
+
+from tqdm import tqdm
+
+from stages.events import Event
+
+
+class EventDisplay:
+    def __init__(self, json_lines: bool, stream: IO[str] | None = None) -> None:
+        self.json_lines = json_lines
+        self.stream = stream or (sys.stdout if json_lines else sys.stderr)
+        self._bar: tqdm | None = None
+
+    def show(self, event: Event) -> None:
+        if self.json_lines:
+            print(json.dumps(event.to_json()), file=self.stream, flush=True)
+            return
+        name = event.spec.name
+        f = event.fields
+        if name == "job/stage_started":
+            self._close_bar()
+            self._bar = tqdm(total=1000, desc=f"{f['index']} {f['stage']}", unit="‰", file=self.stream,
+                             bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {postfix}", disable=None)
+        elif name == "job/progress" and self._bar is not None:
+            self._bar.n = int(f["fraction"] * 1000)
+            self._bar.set_postfix_str(f"{f['frame']}/{f['total']} frames, {f['fps']:.1f} fps", refresh=True)
+        elif name == "job/stage_failed":
+            self._close_bar()
+            retry = " (retrying)" if f["retrying"] else ""
+            self._write(f"stage {f['index']} {f['stage']} failed{retry}: {f['kind']}: {f['message']}")
+            if f["stderr"]:
+                self._write("  " + f["stderr"].replace("\n", "\n  "))
+        elif name == "job/stage_done":
+            if self._bar is not None:
+                self._bar.n = 1000
+                self._bar.refresh()
+            self._close_bar()
+        elif name == "job/failed":
+            self._close_bar()
+            self._write(f"job {f['job']} failed: {f['kind']}: {f['message']}")
+        elif name == "job/cancelled":
+            self._close_bar()
+            self._write(f"job {f['job']} cancelled during stage {f['index']} {f['stage']}")
+        elif name == "job/done":
+            self._write(f"job {f['job']} done in {f['seconds']:.1f}s")
+
+    def _write(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> EventDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_bar()

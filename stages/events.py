@@ -1,0 +1,246 @@
+"""Events: the OSC messages cuepipe sends, their schemas, and the sender.
+
+A Stage reports to its ``--report HOST:PORT`` addresses with the four stage Events below; the
+launcher relays them as Job Events (``orchestrator/events.py``) using the same codec. Every
+address, argument name and OSC type tag is declared once here as an ``EventSpec`` and documented
+in ``docs/protocol.md``. This module is the lowest layer: stdlib + python-osc, no orchestrator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pythonosc.osc_message_builder import OscMessageBuilder
+from pythonosc.osc_packet import OscPacket, ParseError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/cuepipe/v1"
+#: OSC type tag -> Python type accepted for it.
+_TAG_TYPES: dict[str, tuple[type, ...]] = {"i": (int,), "f": (float, int), "s": (str,)}
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+class EventError(ValueError):
+    """An Event could not be encoded or decoded (wrong address, arity or argument type)."""
+
+
+class ErrorKind(StrEnum):
+    """Why a Stage or Job failed: the ``kind`` argument of every ``failed`` Event."""
+
+    BAD_ARGUMENT = "bad_argument"  # argv / parameter value rejected
+    INPUT_MISSING = "input_missing"  # input path does not exist
+    INPUT_INVALID = "input_invalid"  # exists but is not a readable video / has no frames
+    MODEL_MISSING = "model_missing"
+    MODEL_INVALID = "model_invalid"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"  # asked-for GPU provider not installed
+    OUTPUT_ERROR = "output_error"  # cannot write the output
+    INTERNAL = "internal"  # unexpected exception inside the stage
+    # Set by the launcher, never by a stage itself:
+    CRASHED = "crashed"  # non-zero exit or killed by a signal without a failed Event
+    NO_DONE = "no_done"  # exited 0 but never sent ``done``
+    TIMEOUT = "timeout"  # killed after its per-stage timeout
+    STALLED = "stalled"  # killed after no Event for stall_timeout seconds
+    CANCELLED = "cancelled"
+    CONFIG_INVALID = "config_invalid"  # pipelines.toml or an override is invalid
+    UNKNOWN_PIPELINE = "unknown_pipeline"
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One OSC address and its fixed arguments (name, type tag), plus an optional string tail."""
+
+    address: str
+    args: tuple[tuple[str, str], ...]
+    tail: str | None = None  # name of a trailing list of strings (e.g. output paths)
+
+    @property
+    def name(self) -> str:
+        return self.address.removeprefix(PREFIX + "/")
+
+
+@dataclass(frozen=True)
+class Event:
+    """A decoded Event: its spec and its arguments by name (the tail, if any, as a tuple)."""
+
+    spec: EventSpec
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"event": "job/progress", ...fields}``."""
+        out: dict[str, Any] = {"event": self.spec.name}
+        for k, v in self.fields.items():
+            out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def spec_of(path: str, args: str, tail: str | None = None) -> EventSpec:
+    """Build a spec from ``"name:tag name:tag"`` shorthand."""
+    pairs = tuple((a.split(":")[0], a.split(":")[1]) for a in args.split())
+    return EventSpec(f"{PREFIX}/{path}", pairs, tail)
+
+
+STAGE_STARTED = spec_of("stage/started", "stage:s pid:i info:s")
+STAGE_PROGRESS = spec_of("stage/progress", "stage:s fraction:f frame:i total:i fps:f")
+STAGE_DONE = spec_of("stage/done", "stage:s frames:i seconds:f", tail="outputs")
+STAGE_FAILED = spec_of("stage/failed", "stage:s kind:s message:s")
+STAGE_EVENTS: tuple[EventSpec, ...] = (STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED)
+
+
+def _typed(spec: EventSpec, name: str, tag: str, value: Any) -> Any:
+    """``value`` checked against its OSC type tag (bools are not ints here); floats as float."""
+    if isinstance(value, bool) or not isinstance(value, _TAG_TYPES[tag]):
+        raise EventError(f"{spec.name}: argument {name!r} must be {tag}, got {value!r}")
+    out: Any = value
+    return float(out) if tag == "f" else out
+
+
+def encode(spec: EventSpec, **fields: Any) -> bytes:
+    """Encode one Event as an OSC datagram, checking every argument against the spec."""
+    builder = OscMessageBuilder(address=spec.address)
+    for name, tag in spec.args:
+        if name not in fields:
+            raise EventError(f"{spec.name}: missing argument {name!r}")
+        value = _typed(spec, name, tag, fields[name])
+        if tag == "f" and not math.isfinite(value):
+            value = 0.0
+        elif tag == "i" and not _INT32[0] <= value <= _INT32[1]:
+            raise EventError(f"{spec.name}: argument {name!r} out of int32 range: {value}")
+        builder.add_arg(value, tag)
+    extra = set(fields) - {n for n, _ in spec.args} - ({spec.tail} if spec.tail else set())
+    if extra:
+        raise EventError(f"{spec.name}: unknown argument(s) {sorted(extra)}")
+    if spec.tail:
+        for item in fields.get(spec.tail, ()):
+            builder.add_arg(str(item), "s")
+    return bytes(builder.build().dgram)
+
+
+def _padded_string_end(data: bytes, start: int) -> int:
+    end = data.index(b"\0", start)  # ValueError when unterminated
+    return end + 4 - (end % 4)
+
+
+def _check_size(dgram: bytes) -> None:
+    """Reject a message whose arguments do not fill it exactly.
+
+    python-osc decodes a truncated trailing float as 0.0 (a PureData leniency); for cuepipe that
+    would be silent corruption, so the size the type tags imply must equal the datagram's size.
+    """
+    pos = _padded_string_end(dgram, 0)
+    tags_end = _padded_string_end(dgram, pos)
+    tags = dgram[pos:tags_end].rstrip(b"\0").decode("ascii")[1:]
+    pos = tags_end
+    for tag in tags:
+        if tag in "ifrcm":
+            pos += 4
+        elif tag in "dht":
+            pos += 8
+        elif tag in "sS":
+            pos = _padded_string_end(dgram, pos)
+        elif tag == "b":
+            size = int.from_bytes(dgram[pos : pos + 4], "big")
+            pos += 4 + size + (-size % 4)
+        elif tag not in "TFNI[]":
+            raise ValueError(f"unknown type tag {tag!r}")
+    if pos != len(dgram):
+        raise ValueError(f"arguments fill {pos} bytes of a {len(dgram)}-byte message")
+
+
+def decode(data: bytes, specs: Sequence[EventSpec]) -> list[Event]:
+    """Decode a datagram (a message or a bundle) into Events of the given specs.
+
+    Raises EventError for anything malformed or unknown; never another exception type.
+    """
+    by_address = {s.address: s for s in specs}
+    try:
+        messages = [timed.message for timed in OscPacket(data).messages]
+        for msg in messages:
+            _check_size(msg.dgram)
+    except (ParseError, UnicodeDecodeError, IndexError, ValueError) as exc:
+        raise EventError(f"malformed OSC packet ({len(data)} bytes): {exc}") from None
+    events = []
+    for msg in messages:
+        spec = by_address.get(msg.address)
+        if spec is None:
+            raise EventError(f"unknown address {msg.address!r}")
+        params = list(msg.params)
+        if len(params) < len(spec.args) or (len(params) > len(spec.args) and not spec.tail):
+            raise EventError(f"{spec.name}: expected {len(spec.args)} arguments, got {len(params)}")
+        fields: dict[str, Any] = {}
+        for (name, tag), value in zip(spec.args, params, strict=False):
+            fields[name] = _typed(spec, name, tag, value)
+        if spec.tail:
+            tail = params[len(spec.args) :]
+            if not all(isinstance(v, str) for v in tail):
+                raise EventError(f"{spec.name}: {spec.tail} must be strings")
+            fields[spec.tail] = tuple(tail)
+        events.append(Event(spec, fields))
+    return events
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into a (host, port) pair."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+class EventSender:
+    """Sends Events over UDP to any number of report addresses; never raises on network errors.
+
+    A lost Event must not kill a Stage that is doing its work, so send errors are logged once per
+    target and otherwise ignored (UDP gives no delivery guarantee anyway).
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, int]]) -> None:
+        self._targets: list[tuple[socket.socket, Any]] = []
+        self._sockets: dict[int, socket.socket] = {}
+        self._warned: set[int] = set()
+        for host, port in targets:
+            family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+            if family not in self._sockets:
+                self._sockets[family] = socket.socket(family, socket.SOCK_DGRAM)
+            self._targets.append((self._sockets[family], sockaddr))
+
+    def send(self, spec: EventSpec, **fields: Any) -> None:
+        data = encode(spec, **fields)
+        for i, (sock, addr) in enumerate(self._targets):
+            try:
+                sock.sendto(data, addr)
+            except OSError as exc:
+                if i not in self._warned:
+                    self._warned.add(i)
+                    log.warning("cannot send events to %s: %s", addr, exc)
+
+    def emit(self, event: Event) -> None:
+        self.send(event.spec, **event.fields)
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        self._targets.clear()
+
+    def __enter__(self) -> EventSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def info_json(**info: Any) -> str:
+    """The ``info`` argument of ``started``: a compact JSON object (TD: ``json.loads(args[..])``)."""
+    return json.dumps(info, separators=(",", ":"), default=str)

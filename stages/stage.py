@@ -1,0 +1,255 @@
+"""The Stage contract in code: parameter declarations, the named error, Event helpers and ``main``.
+
+Each stage module declares ``PARAMS`` (name -> ``Param``) and a ``run(**kwargs)`` function, and its
+``main()`` is ``stage_main(NAME, PARAMS, run)``. The same ``PARAMS`` build the stage's argv parser
+and let the orchestrator validate ``pipelines.toml`` without starting anything. Exit codes:
+0 success (``done`` sent), 1 failure (``failed`` sent), 2 bad argument (``failed`` sent),
+130 interrupted. See ``docs/stages.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from stages.events import (
+    STAGE_DONE,
+    STAGE_FAILED,
+    STAGE_PROGRESS,
+    STAGE_STARTED,
+    ErrorKind,
+    EventSender,
+    info_json,
+    parse_address,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGUMENT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class StageError(Exception):
+    """A failure the stage understands: reported as ``failed`` with this kind and message."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class ParamKind(StrEnum):
+    PLAIN = "plain"
+    PATH = "path"  # a file that must exist (checked before the pipeline starts)
+    MODEL = "model"  # a model name from models/manifest.toml, or a path to an .onnx file
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One stage parameter: its type, default, help, and optional choices / bounds."""
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    kind: ParamKind = ParamKind.PLAIN
+
+    def coerce(self, value: Any) -> Any:
+        """Return ``value`` as this parameter's type, or raise ValueError saying what was expected.
+
+        Accepts native TOML values and the strings that come from argv or ``--set``.
+        """
+        if value is None or (isinstance(value, str) and value == "" and self.default is None):
+            if self.default is None:
+                return None
+            raise ValueError(f"expected {self.type.__name__}, got nothing")
+        out: Any
+        if self.type is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                out = value.lower() in _TRUE
+            else:
+                raise ValueError(f"expected true/false, got {value!r}")
+        elif self.type is int:
+            if isinstance(value, bool | float):
+                raise ValueError(f"expected an integer, got {value!r}")
+            try:
+                out = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"expected an integer, got {value!r}") from None
+        elif self.type is float:
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            try:
+                out = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"expected a number, got {value!r}") from None
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {value!r}")
+            out = value
+        if self.choices is not None and out not in self.choices:
+            raise ValueError(f"expected one of {', '.join(map(str, self.choices))}; got {out!r}")
+        if self.minimum is not None and out < self.minimum:
+            raise ValueError(f"must be >= {self.minimum}, got {out!r}")
+        if self.maximum is not None and out > self.maximum:
+            raise ValueError(f"must be <= {self.maximum}, got {out!r}")
+        return out
+
+
+def option(name: str) -> str:
+    """The argv option of a parameter: ``trim_start`` -> ``--trim-start``."""
+    return "--" + name.replace("_", "-")
+
+
+class StageEvents:
+    """Sends one stage's Events; rate-limits ``progress`` (always sends the last frame)."""
+
+    def __init__(
+        self,
+        stage: str,
+        sender: EventSender | None,
+        min_interval: float = 0.1,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stage = stage
+        self._sender = sender
+        self._min_interval = min_interval
+        self._now = now
+        self._start = now()
+        self._last_sent = -1e9
+        self._fps = 0.0
+        self._mark: tuple[float, int] = (self._start, 0)
+
+    def started(self, **info: Any) -> None:
+        self._start = self._now()
+        self._mark = (self._start, 0)
+        log.info("%s started: %s", self.stage, info)
+        if self._sender:
+            self._sender.send(STAGE_STARTED, stage=self.stage, pid=os.getpid(), info=info_json(**info))
+
+    def progress(self, frame: int, total: int) -> None:
+        """Report that ``frame`` frames of ``total`` (-1: unknown) are finished."""
+        t = self._now()
+        last = total > 0 and frame == total  # always sent; past an underestimated total, rate-limited
+        if not last and t - self._last_sent < self._min_interval:
+            return
+        mark_t, mark_frame = self._mark
+        if t > mark_t and frame > mark_frame:
+            instant = (frame - mark_frame) / (t - mark_t)
+            self._fps = instant if self._fps == 0.0 else 0.7 * self._fps + 0.3 * instant
+        self._mark = (t, frame)
+        self._last_sent = t
+        fraction = min(1.0, frame / total) if total > 0 else 0.0
+        if self._sender:
+            self._sender.send(
+                STAGE_PROGRESS, stage=self.stage, fraction=fraction, frame=frame, total=total, fps=self._fps
+            )
+
+    def done(self, outputs: Sequence[Path], frames: int) -> None:
+        seconds = self._now() - self._start
+        log.info("%s done: %d frames in %.2fs -> %s", self.stage, frames, seconds, [str(o) for o in outputs])
+        if self._sender:
+            self._sender.send(
+                STAGE_DONE, stage=self.stage, frames=frames, seconds=seconds, outputs=[str(o) for o in outputs]
+            )
+
+    def failed(self, kind: ErrorKind, message: str) -> None:
+        log.error("%s failed (%s): %s", self.stage, kind.value, message)
+        if self._sender:
+            self._sender.send(STAGE_FAILED, stage=self.stage, kind=kind.value, message=message[:4000])
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What ``run`` returns: the output files (the first is the next stage's input) and frame count."""
+
+    outputs: tuple[Path, ...]
+    frames: int
+
+
+RunFunction = Callable[..., StageResult]
+
+
+def build_parser(name: str, params: Mapping[str, Param], doc: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}", description=(doc or "").split("\n\n")[0]
+    )
+    parser.add_argument("--input", required=True, type=Path, help="input video file or image folder")
+    parser.add_argument("--output-dir", required=True, type=Path, help="folder for the outputs")
+    parser.add_argument(
+        "--report", action="append", default=[], metavar="HOST:PORT", help="send OSC Events here (repeatable)"
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    for pname, p in params.items():
+        shown = "" if p.default is None else f" (default: {p.default})"
+        parser.add_argument(option(pname), dest=pname, default=None, metavar=p.type.__name__.upper(),
+                            help=p.help + shown)
+    return parser
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_signals() -> None:
+    """Turn the launcher's polite stop (SIGTERM; CTRL_BREAK on Windows) into KeyboardInterrupt, so
+    ``with`` blocks run: writers delete their temporary files and reap their ffmpeg."""
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
+
+
+def stage_main(
+    name: str, params: Mapping[str, Param], run: RunFunction, argv: Sequence[str] | None = None,
+    doc: str | None = None,
+) -> int:
+    """Parse argv, run the stage, send ``done`` or ``failed``, and return the exit code."""
+    parser = build_parser(name, params, doc)
+    args = parser.parse_args(argv)
+    stop_on_signals()
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format=f"%(asctime)s {name} %(levelname)s %(message)s"
+    )
+    try:
+        targets = [parse_address(t) for t in args.report]
+    except ValueError as exc:
+        parser.error(f"--report: {exc}")
+    with EventSender(targets) as sender:
+        events = StageEvents(name, sender)
+        kwargs: dict[str, Any] = {}
+        for pname, p in params.items():
+            raw = getattr(args, pname)
+            try:
+                kwargs[pname] = p.coerce(p.default if raw is None else raw)
+            except ValueError as exc:
+                events.failed(ErrorKind.BAD_ARGUMENT, f"{option(pname)}: {exc}")
+                return EXIT_BAD_ARGUMENT
+        try:
+            result = run(input=args.input, output_dir=args.output_dir, events=events, **kwargs)
+        except StageError as exc:
+            events.failed(exc.kind, exc.message)
+            return EXIT_BAD_ARGUMENT if exc.kind is ErrorKind.BAD_ARGUMENT else EXIT_FAILED
+        except KeyboardInterrupt:
+            events.failed(ErrorKind.CANCELLED, "interrupted")
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # the stage's last line of defence: report, never die silently
+            log.exception("unexpected error")
+            events.failed(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        events.done(result.outputs, result.frames)
+    return EXIT_OK

@@ -1,0 +1,1 @@
+"""The TouchDesigner side (stdlib only; imports without TD's ``op``/``me``/``mod``)."""

@@ -1,0 +1,73 @@
+"""A contract-following stage that misbehaves on request, for the launcher's failure tests.
+
+    python -m tests.stage_misbehaving --input IN --output-dir DIR --report HOST:PORT --mode hang
+
+Registered for tests through ``CUEPIPE_STAGES=misbehaving=tests.stage_misbehaving``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.events import ErrorKind
+from stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, stage_main
+
+NAME = "misbehaving"
+MODES = ("ok", "exit3", "sigkill", "hang", "hang_silent", "no_done", "fail", "slow")
+PARAMS = {
+    "mode": Param(str, "ok", "how to misbehave", choices=MODES),
+    "frames": Param(int, 5, "frames to pretend to process", minimum=1),
+    "pidfile": Param(str, "", "write the pids of this process and its child here"),
+    "model": Param(str, None, "a model this stage pretends to need", kind=ParamKind.MODEL),
+}
+
+
+def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
+    mode, frames = params["mode"], params["frames"]
+    if events:
+        events.started(input=str(input), frames=frames, mode=mode)
+    if mode in ("hang", "hang_silent"):
+        # A grandchild too, so the test can prove the whole tree dies.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        if params["pidfile"]:
+            Path(params["pidfile"]).write_text(f"{os.getpid()} {child.pid}")
+    for i in range(1, frames + 1):
+        if events:
+            events.progress(i, frames)
+        time.sleep(0.05 if mode == "slow" else 0.0)
+        if mode == "hang":
+            while True:  # keeps sending progress, so only the total timeout catches it
+                time.sleep(0.1)
+                if events:
+                    events.progress(i, frames + 1)
+        if mode == "hang_silent":
+            time.sleep(600)
+    if mode == "exit3":
+        sys.stderr.write("something went badly wrong\nlast words of the stage\n")
+        sys.stderr.flush()
+        os._exit(3)
+    if mode == "sigkill":
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+    if mode == "no_done":
+        os._exit(0)
+    if mode == "fail":
+        raise StageError(ErrorKind.INPUT_INVALID, f"{input.name} is not what this stage wants")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir / f"copy{input.suffix}"
+    shutil.copyfile(input, out)
+    return StageResult((out,), frames)
+
+
+def main() -> int:
+    return stage_main(NAME, PARAMS, run, doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

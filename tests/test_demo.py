@@ -1,0 +1,54 @@
+"""The two things a new user runs first: ``cuepipe run prep`` on a real video, and ``cuepipe demo``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+
+from orchestrator.democlip import write_clip
+from tests.conftest import ROOT, FakeTD, subprocess_env
+
+
+def test_run_prep_on_a_real_video(tmp_path: Path, fake_td: FakeTD) -> None:
+    clip = tmp_path / "walk.mp4"
+    write_clip(clip, None, width=320, height=180, frames=24, fps=24.0)
+    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(ROOT / "pipelines.toml"), "run", "prep",
+           str(clip), "--set", "preprocess.width=256", "--set", "preprocess.height=256", "--set",
+           "preprocess.fps=12", "--out", str(tmp_path / "renders"), "--report", fake_td.address]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    done = fake_td.wait_for("job/done")
+    out = Path(done["outputs"][0])
+    assert out == tmp_path / "renders" / "walk_preprocessed.mkv"
+    assert proc.stdout.strip() == str(out)  # the CLI prints the final outputs
+    cap = cv2.VideoCapture(str(out))
+    try:
+        size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        frames = 0
+        while cap.read()[0]:
+            frames += 1
+    finally:
+        cap.release()
+    assert (size, fps, frames) == ((256, 256), 12.0, 12)  # 1 s of 24 fps resampled to 12 fps
+    names = fake_td.names()
+    assert names[0] == "job/started" and names[1] == "job/stage_started" and names[-1] == "job/done"
+    assert "job/progress" in names and names.index("job/stage_done") == len(names) - 2
+
+
+def test_demo_runs_the_embedded_default(tmp_path: Path, fake_td: FakeTD) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", "--out", str(out), "--report",
+                           fake_td.address], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rvm_mobilenetv3_fp32.onnx" in proc.stdout  # the real model was obtained
+    done = fake_td.wait_for("job/done")
+    for path in done["outputs"]:
+        assert Path(path).is_file() and str(path) in proc.stdout
+    # the demo prints every Event its own listener received: the same sequence TD got
+    assert f"{len(fake_td.events)} events received" in proc.stdout
+    assert (out / "demo_clip.mp4").is_file() and (out / "demo_clip_mask.mkv").is_file()
