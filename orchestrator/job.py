@@ -124,7 +124,8 @@ class Job:
         self.pipeline = pipeline
         self.input = input
         self.sink = sink
-        self.out_dir = out_dir or pipeline.out
+        # Absolute: stages run with their own work folder as cwd.
+        self.out_dir = (out_dir or pipeline.out).resolve()
         self.job_id = job_id or new_job_id()
         self.python = python
         self.cancel = cancel or threading.Event()

@@ -162,10 +162,11 @@ class StageEvents:
 
     def done(self, outputs: Sequence[Path], frames: int) -> None:
         seconds = self._now() - self._start
-        log.info("%s done: %d frames in %.2fs -> %s", self.stage, frames, seconds, [str(o) for o in outputs])
+        paths = [str(Path(o).resolve()) for o in outputs]  # absolute, whatever the cwd was
+        log.info("%s done: %d frames in %.2fs -> %s", self.stage, frames, seconds, paths)
         if self._sender:
             self._sender.send(
-                STAGE_DONE, stage=self.stage, frames=frames, seconds=seconds, outputs=[str(o) for o in outputs]
+                STAGE_DONE, stage=self.stage, frames=frames, seconds=seconds, outputs=paths
             )
 
     def failed(self, kind: ErrorKind, message: str) -> None:

@@ -41,7 +41,8 @@ def test_run_prep_on_a_real_video(tmp_path: Path, fake_td: FakeTD) -> None:
 
 def test_demo_runs_the_embedded_default(tmp_path: Path, fake_td: FakeTD) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", "--out", str(out), "--report",
+    # a relative --out, as in the README: stages run in their own folders, so paths must be resolved
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", "--out", "demo", "--report",
                            fake_td.address], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=subprocess_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
