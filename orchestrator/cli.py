@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from orchestrator import defaults
 from orchestrator.events import JOB_FAILED, NO_EXIT_CODE
 from orchestrator.job import Job, JobResult, JobState, new_job_id
 from orchestrator.pipeline import (
@@ -24,6 +26,7 @@ from orchestrator.pipeline import (
     Pipeline,
     PipelineFile,
     apply_overrides,
+    describe,
     find_file,
     load_file,
     missing_resources,
@@ -34,6 +37,15 @@ from stages.events import ErrorKind, Event, EventSender, parse_address
 log = logging.getLogger("cuepipe")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _job_id(text: str) -> str:
+    if not _JOB_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"job ids are 1-64 of A-Z a-z 0-9 _ . - (no leading dot): {text!r}")
+    return text
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -70,6 +82,7 @@ def run_job(
     keep_work: bool = False,
     config_error: ConfigError | None = None,
     extra_sink: Callable[[Event], None] | None = None,
+    job_id: str | None = None,
 ) -> tuple[int, JobResult | None]:
     """Run one Job with Events to ``reports`` and the terminal; returns (exit code, result)."""
     pipeline: Pipeline | None = None
@@ -96,13 +109,13 @@ def run_job(
             if extra_sink:
                 extra_sink(event)
 
+        job_id = job_id or new_job_id()
         if pipeline is None:
-            job_id = new_job_id()
             sink(Event(JOB_FAILED, {"job": job_id, "index": -1, "stage": "", "exit_code": NO_EXIT_CODE,
                                     "kind": kind.value, "message": message}))
             return EXIT_USAGE, None
         cancel = threading.Event()
-        job = Job(pipeline, input, sink, out_dir=out, cancel=cancel, keep_work=keep_work)
+        job = Job(pipeline, input, sink, out_dir=out, job_id=job_id, cancel=cancel, keep_work=keep_work)
         with cancel_on_signals(cancel):
             result = job.run()
     if result.state is JobState.DONE:
@@ -124,31 +137,11 @@ def load_pipelines(path: Path | None) -> tuple[PipelineFile | None, ConfigError 
 def cmd_run(args: argparse.Namespace) -> int:
     pipelines, error = load_pipelines(args.pipelines)
     code, result = run_job(pipelines, args.pipeline, Path(args.input), args.report, args.set, args.out,
-                           args.json, args.keep_work, error)
+                           args.json, args.keep_work, error, job_id=args.job_id)
     if result is not None and result.state is JobState.DONE and not args.json:
         for path in result.outputs:
             print(path)
     return code
-
-
-def describe(pipelines: PipelineFile) -> dict[str, Any]:
-    """The pipelines file as JSON-ready data (what ``cuepipe pipelines --json`` prints for TD)."""
-    return {
-        "file": str(pipelines.path),
-        "pipelines": [
-            {
-                "name": p.name,
-                "description": p.description,
-                "out": str(p.out),
-                "stages": [
-                    {"stage": s.name, "params": dict(s.params), "timeout": s.timeout,
-                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep}
-                    for s in p.stages
-                ],
-            }
-            for p in pipelines.pipelines.values()
-        ],
-    }
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
@@ -187,6 +180,43 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _slots(text: str) -> dict[str, int]:
+    slots: dict[str, int] = {}
+    for item in filter(None, text.split(",")):
+        name, eq, count = item.partition("=")
+        if not eq or not name or not count.isdigit():
+            raise argparse.ArgumentTypeError(f"expected RESOURCE=COUNT[,...], e.g. cpu=2,gpu=1; got {text!r}")
+        slots[name] = int(count)
+    return slots
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from orchestrator.daemon import Daemon, DaemonConfig, DaemonError
+    from orchestrator.scheduler import RestartPolicy
+
+    pipelines, error = load_pipelines(args.pipelines)
+    if error or pipelines is None:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    config = DaemonConfig(host=args.host, port=args.port, allow=tuple(args.allow),
+                          roots=tuple(Path(r).resolve() for r in args.root), state_dir=args.state,
+                          slots=args.slots, max_queue=args.max_queue, policy=RestartPolicy(args.on_restart))
+    try:
+        daemon = Daemon(config, pipelines)
+    except (DaemonError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc} (another cuepipe serve, or TD, on that "
+              "port? choose another with --port)", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"cuepipe serve listening on {args.host}:{daemon.socket.port}", flush=True)
+    stop = threading.Event()
+    with cancel_on_signals(stop):
+        daemon.serve(stop)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import demo
 
@@ -216,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: the pipeline's 'out')")
     run.add_argument("--json", action="store_true", help="print Events as JSON lines instead of a progress bar")
     run.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    run.add_argument("--job-id", type=_job_id, help="use this job id (default: YYYYMMDD-HHMMSS-xxxx), so a "
+                     "caller such as TouchDesigner knows it before the first Event")
     run.set_defaults(func=cmd_run)
 
     pls = sub.add_parser("pipelines", help="list pipelines and their stages")
@@ -224,6 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="validate the pipelines file and report what is missing")
     chk.set_defaults(func=cmd_check)
+
+    srv = sub.add_parser("serve", help="the OSC-controlled job server (docs/protocol.md, Commands)")
+    srv.add_argument("--host", default=defaults.DAEMON_HOST, help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=defaults.DAEMON_PORT, help="command port (0: any free port)")
+    srv.add_argument("--allow", action="append", default=[], metavar="IP",
+                     help="peer allowed to send commands (required when --host is not loopback; repeatable)")
+    srv.add_argument("--root", action="append", default=[], metavar="DIR",
+                     help="inputs must lie under one of these folders (default: the current folder; repeatable)")
+    srv.add_argument("--state", type=Path, default=Path(".cuepipe-state"), help="folder for the job journal")
+    srv.add_argument("--slots", type=_slots, default=None, metavar="RES=N,...",
+                     help="concurrent jobs per resource (default: cpu=1,gpu=1)")
+    srv.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE)
+    srv.add_argument("--on-restart", choices=["requeue", "interrupted"], default="requeue",
+                     help="what to do with jobs that were running when the daemon died")
+    srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="fetch the model, make a synthetic clip, run the default pipeline")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))

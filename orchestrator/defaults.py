@@ -21,3 +21,12 @@ MAX_DATAGRAM = 65536
 
 DEMO_PIPELINE = "prep"  # the embedded default main job (`cuepipe demo`)
 DEMO_MODEL = "rvm_mobilenetv3_fp32"
+
+# cuepipe serve
+DAEMON_HOST = "127.0.0.1"  # locked down: other addresses need an allow-list
+DAEMON_PORT = 9000
+MAX_QUEUE = 100  # queued jobs before `queue_full`
+MAX_COMMAND_BYTES = 16384  # larger command datagrams are counted and refused
+HEARTBEAT_INTERVAL = 1.0
+SLOTS = {"cpu": 1, "gpu": 1}  # concurrent jobs per resource
+RESOURCE = "cpu"  # a pipeline's resource unless it says otherwise

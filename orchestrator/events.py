@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from stages.events import spec_of
 
+JOB_QUEUED = spec_of("job/queued", "job:s pipeline:s input:s priority:i")
 JOB_STARTED = spec_of("job/started", "job:s pipeline:s input:s stages:i")
 JOB_STAGE_STARTED = spec_of("job/stage_started", "job:s index:i stage:s attempt:i pid:i info:s")
 JOB_PROGRESS = spec_of("job/progress", "job:s index:i stage:s fraction:f frame:i total:i fps:f overall:f")
@@ -20,7 +21,7 @@ JOB_FAILED = spec_of("job/failed", "job:s index:i stage:s exit_code:i kind:s mes
 JOB_CANCELLED = spec_of("job/cancelled", "job:s index:i stage:s")
 
 JOB_EVENTS = (
-    JOB_STARTED, JOB_STAGE_STARTED, JOB_PROGRESS, JOB_STAGE_DONE, JOB_STAGE_FAILED,
+    JOB_QUEUED, JOB_STARTED, JOB_STAGE_STARTED, JOB_PROGRESS, JOB_STAGE_DONE, JOB_STAGE_FAILED,
     JOB_DONE, JOB_FAILED, JOB_CANCELLED,
 )
 

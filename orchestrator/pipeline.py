@@ -60,6 +60,7 @@ class Pipeline:
     stages: tuple[Stage, ...]
     out: Path
     report: tuple[tuple[str, int], ...]
+    resource: str = defaults.RESOURCE  # which daemon slot pool the pipeline's jobs use (e.g. cpu, gpu)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class PipelineFile:
 
 
 _STAGE_KEYS = {"stage", "params", "timeout", "stall_timeout", "retries", "keep"}
-_PIPELINE_KEYS = {"description", "stages", "out", "report"}
+_PIPELINE_KEYS = {"description", "stages", "out", "report", "resource"}
 _DEFAULT_KEYS = {"timeout", "stall_timeout", "retries", "out", "report"}
 
 
@@ -209,6 +210,10 @@ def parse(text: str, path: Path) -> PipelineFile:
         description = praw.get("description", "")
         if not isinstance(description, str):
             raise ConfigError(path, "description must be a string", pname, key="description")
+        resource = praw.get("resource", defaults.RESOURCE)
+        if not isinstance(resource, str) or not resource:
+            raise ConfigError(path, f"resource must be a name such as 'cpu' or 'gpu', got {resource!r}", pname,
+                              key="resource")
         pipelines[pname] = Pipeline(
             name=pname,
             description=description,
@@ -216,6 +221,7 @@ def parse(text: str, path: Path) -> PipelineFile:
             # Relative folders are relative to the pipelines file, not to whatever folder TD runs in.
             out=(path.parent / out).resolve(),
             report=default_report + _reports(path, praw.get("report", []), pname),
+            resource=resource,
         )
     return PipelineFile(path=path, pipelines=MappingProxyType(pipelines))
 
@@ -274,3 +280,23 @@ def apply_overrides(file: PipelineFile, pipeline: Pipeline, sets: list[str]) -> 
             params = coerce_params("--set", pipeline.name, label, stage.name, {key: value}, Path.cwd())
             stages[i] = replace(stage, params=MappingProxyType({**stage.params, **params}))
     return replace(pipeline, stages=tuple(stages))
+
+
+def describe(pipelines: PipelineFile) -> dict[str, Any]:
+    """The pipelines file as JSON-ready data (what ``cuepipe pipelines --json`` prints for TD)."""
+    return {
+        "file": str(pipelines.path),
+        "pipelines": [
+            {
+                "name": p.name,
+                "description": p.description,
+                "out": str(p.out),
+                "stages": [
+                    {"stage": s.name, "params": dict(s.params), "timeout": s.timeout,
+                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep}
+                    for s in p.stages
+                ],
+            }
+            for p in pipelines.pipelines.values()
+        ],
+    }

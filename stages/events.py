@@ -32,6 +32,14 @@ class EventError(ValueError):
     """An Event could not be encoded or decoded (wrong address, arity or argument type)."""
 
 
+class MalformedPacket(EventError):
+    """The datagram is not a well-formed OSC packet."""
+
+
+class UnknownAddress(EventError):
+    """A well-formed OSC message at an address none of the given specs has."""
+
+
 class ErrorKind(StrEnum):
     """Why a Stage or Job failed: the ``kind`` argument of every ``failed`` Event."""
 
@@ -168,12 +176,12 @@ def decode(data: bytes, specs: Sequence[EventSpec]) -> list[Event]:
         for msg in messages:
             _check_size(msg.dgram)
     except (ParseError, UnicodeDecodeError, IndexError, ValueError) as exc:
-        raise EventError(f"malformed OSC packet ({len(data)} bytes): {exc}") from None
+        raise MalformedPacket(f"malformed OSC packet ({len(data)} bytes): {exc}") from None
     events = []
     for msg in messages:
         spec = by_address.get(msg.address)
         if spec is None:
-            raise EventError(f"unknown address {msg.address!r}")
+            raise UnknownAddress(f"unknown address {msg.address!r}")
         params = list(msg.params)
         if len(params) < len(spec.args) or (len(params) > len(spec.args) and not spec.tail):
             raise EventError(f"{spec.name}: expected {len(spec.args)} arguments, got {len(params)}")

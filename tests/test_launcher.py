@@ -203,6 +203,15 @@ def test_cancel_with_signal(workspace: Path, fake_td: FakeTD) -> None:
     assert "job/done" not in fake_td.names()
 
 
+def test_caller_chosen_job_id(workspace: Path, fake_td: FakeTD) -> None:
+    proc = cuepipe(workspace, fake_td, "two", "clip.txt", "--job-id", "td-take_7")
+    assert proc.returncode == 0, proc.stderr
+    settle(fake_td, "job/done")
+    assert {e["job"] for e in fake_td.events} == {"td-take_7"}
+    bad = cuepipe(workspace, fake_td, "two", "clip.txt", "--job-id", "../escape")
+    assert bad.returncode == 2 and "job ids are" in bad.stderr
+
+
 def test_missing_input(workspace: Path, fake_td: FakeTD) -> None:
     proc = cuepipe(workspace, fake_td, "two", "nope.mp4")
     assert proc.returncode == 2

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from orchestrator.commands import CMD_RUN, COMMANDS, REPLIES, Refusal
 from orchestrator.events import JOB_EVENTS, JOB_FAILED, JOB_PROGRESS
 from stages.events import (
     STAGE_DONE,
@@ -40,6 +41,10 @@ JOB_PROGRESS_PACKET = (
     b"/cuepipe/v1/job/progress\x00\x00\x00\x00,sisfiiff\x00\x00\x0020261122-031500-a1b2\x00\x00\x00\x00"
     b"\x00\x00\x00\x01matting\x00>\x80\x00\x00\x00\x00\x00\x0c\x00\x00\x000A\x18\x00\x00? \x00\x00"
 )
+CMD_RUN_PACKET = (
+    b"/cuepipe/v1/cmd/run\x00,sissis\x00btn1\x00\x00\x00\x00\x00\x00\x1bXmatte\x00\x00\x00"
+    b"/takes/t1.mp4\x00\x00\x00\x00\x00\x00\nmatting.ratio=0.5\x00\x00\x00"
+)
 
 CASES: list[tuple[bytes, EventSpec, dict[str, object]]] = [
     (STAGE_PROGRESS_PACKET, STAGE_PROGRESS,
@@ -52,8 +57,11 @@ CASES: list[tuple[bytes, EventSpec, dict[str, object]]] = [
     (JOB_PROGRESS_PACKET, JOB_PROGRESS,
      {"job": "20261122-031500-a1b2", "index": 1, "stage": "matting", "fraction": 0.25, "frame": 12,
       "total": 48, "fps": 9.5, "overall": 0.625}),
+    (CMD_RUN_PACKET, CMD_RUN,
+     {"tag": "btn1", "reply_port": 7000, "pipeline": "matte", "input": "/takes/t1.mp4", "priority": 10,
+      "sets": ("matting.ratio=0.5",)}),
 ]
-ALL = STAGE_EVENTS + JOB_EVENTS
+ALL = STAGE_EVENTS + JOB_EVENTS + COMMANDS + REPLIES
 
 
 @pytest.mark.parametrize(("packet", "spec", "fields"), CASES, ids=[c[1].name for c in CASES])
@@ -111,3 +119,5 @@ def test_docs_declare_exactly_the_code_address_space() -> None:
     assert set(rows) == {s.address for s in ALL}, "docs list an Event the code does not declare"
     for kind in ErrorKind:
         assert f"| `{kind.value}` |" in text, f"failure kind {kind.value} undocumented"
+    for reason in Refusal:
+        assert f"| `{reason.value}` |" in text, f"refusal reason {reason.value} undocumented"

@@ -1,0 +1,190 @@
+"""Daemon: ``cuepipe serve`` — Commands in over OSC/UDP, Job Events and replies out.
+
+One thread only reads the command socket (blocking UDP reads with a raised receive buffer and
+64 KB datagrams — python-osc's Blocking server without its 8 KB cap) into a queue; the serving
+thread hands each decoded Command to its handler in ``commands.TABLE``; the Scheduler runs jobs on their
+own threads. Replies are sent from the command port to the sender's host at the reply port it
+named. Locked down by default: it binds 127.0.0.1; any other address needs an allow-list of peers,
+and inputs must lie under the configured roots. Malformed, oversized and unknown datagrams are
+counted and logged; none of them can stop the loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import commands, defaults
+from orchestrator.journal import JobRecord, Journal
+from orchestrator.pipeline import PipelineFile, describe
+from orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
+from orchestrator.transport import DatagramQueue, EventSocket
+from stages.events import Event, EventError, EventSpec, MalformedPacket, UnknownAddress, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+class DaemonError(Exception):
+    """The daemon cannot start with this configuration."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    host: str = defaults.DAEMON_HOST
+    port: int = defaults.DAEMON_PORT
+    allow: tuple[str, ...] = ()  # peer addresses allowed to send Commands (needed off loopback)
+    roots: tuple[Path, ...] = ()  # inputs must lie under one of these (default: the current folder)
+    state_dir: Path = Path(".cuepipe-state")
+    slots: Mapping[str, int] | None = None
+    max_queue: int = defaults.MAX_QUEUE
+    policy: RestartPolicy = RestartPolicy.REQUEUE
+    heartbeat: float = defaults.HEARTBEAT_INTERVAL
+
+    def validate(self) -> None:
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = self.host == "localhost"
+        if not loopback and not self.allow:
+            raise DaemonError(f"binding to {self.host} exposes the daemon to the network: give the peers "
+                              "allowed to send commands with --allow ADDRESS (repeatable)")
+        for peer in self.allow:
+            try:
+                ipaddress.ip_address(peer)
+            except ValueError:
+                raise DaemonError(f"--allow needs IP addresses, got {peer!r}") from None
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, pipelines: PipelineFile,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        config.validate()
+        self.config = config
+        self.pipelines = pipelines
+        self.clock = clock
+        self.started = clock()
+        self.counters: Counter[str] = Counter()
+        self.subscribers: frozenset[tuple[str, int]] = frozenset()  # replaced, never mutated: job threads read it
+        self.socket = EventSocket(commands.COMMANDS, config.host, config.port, peers=config.allow or None)
+        try:
+            self.journal = Journal(config.state_dir / "journal.sqlite3")
+            self.scheduler = Scheduler(pipelines, self.journal, self._job_event,
+                                       config.slots or defaults.SLOTS, config.roots or (Path.cwd(),),
+                                       config.max_queue, config.policy)
+        except Exception:
+            self.socket.close()
+            raise
+        self._pipelines_json = json.dumps(describe(pipelines), separators=(",", ":"))
+
+    # --- the commands.Context protocol ---------------------------------------------------------
+
+    def uptime(self) -> float:
+        return self.clock() - self.started
+
+    def pipelines_json(self) -> str:
+        return self._pipelines_json
+
+    def subscribe(self, address: tuple[str, int]) -> None:
+        self.subscribers = self.subscribers | {address}
+
+    def unsubscribe(self, address: tuple[str, int]) -> None:
+        self.subscribers = self.subscribers - {address}
+
+    # --- out ------------------------------------------------------------------------------------
+
+    def _send(self, spec: EventSpec, fields: Mapping[str, Any], targets: set[tuple[str, int]]) -> None:
+        data = encode(spec, **fields)
+        for target in targets:
+            self.socket.send(data, target)
+
+    def _job_event(self, event: Event, record: JobRecord) -> None:
+        """Job Events go to whoever asked for the job and to every subscriber."""
+        targets = set(self.subscribers)
+        if record.reply_to:
+            targets.add(record.reply_to)
+        self._send(event.spec, event.fields, targets)
+
+    def heartbeat(self) -> None:
+        queued, running = self.scheduler.counts()
+        workers = [{"job": r.id, "stage_index": r.index, "state": r.state.value}
+                   for r in self.scheduler.records() if r.state.value == "running"]
+        targets = set(self.subscribers)
+        self._send(commands.HEARTBEAT, {"uptime": self.uptime(), "queued": queued, "running": running,
+                                        "workers": json.dumps(workers)}, targets)
+
+    # --- in -------------------------------------------------------------------------------------
+
+    def handle(self, data: bytes, peer: tuple[str, int]) -> None:
+        """One datagram: decode, dispatch through the table, reply. Never raises."""
+        self.counters["datagrams"] += 1
+        if len(data) > defaults.MAX_COMMAND_BYTES:
+            self.counters["oversized"] += 1
+            log.warning("ignoring a %d-byte datagram from %s (limit %d)", len(data), peer[0],
+                        defaults.MAX_COMMAND_BYTES)
+            return
+        try:
+            events = decode(data, commands.COMMANDS)
+        except MalformedPacket as exc:
+            self.counters["malformed"] += 1
+            log.warning("malformed datagram from %s: %s", peer[0], exc)
+            return
+        except UnknownAddress as exc:
+            self.counters["unknown"] += 1
+            self._refuse(peer, "", "", Refusal.UNKNOWN_COMMAND, str(exc))
+            return
+        except EventError as exc:
+            self.counters["bad_arguments"] += 1
+            self._refuse(peer, "", "", Refusal.BAD_ARGUMENTS, str(exc))
+            return
+        for event in events:
+            self.counters["commands"] += 1
+            reply_to = (peer[0], event["reply_port"] or peer[1])
+            try:
+                replies = commands.TABLE[event.spec.address](self, event, reply_to)
+            except JobRefused as exc:
+                self.counters["refused"] += 1
+                self._refuse(reply_to, event["tag"], event.spec.name, exc.reason, exc.message)
+                continue
+            except Exception as exc:  # a handler bug must not stop the daemon
+                log.exception("command %s failed", event.spec.name)
+                self._refuse(reply_to, event["tag"], event.spec.name, Refusal.BAD_ARGUMENTS,
+                             f"internal error: {exc}")
+                continue
+            for spec, fields in replies:
+                self._send(spec, fields, {reply_to})
+
+    def _refuse(self, to: tuple[str, int], tag: str, command: str, reason: Refusal, message: str) -> None:
+        self._send(commands.REPLY_ERROR, {"tag": tag, "command": command.removeprefix("cmd/"),
+                                          "reason": reason.value, "message": message}, {to})
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set; then stop the jobs and close everything."""
+        log.info("cuepipe serve listening on %s:%d", self.config.host, self.socket.port)
+        self.scheduler.dispatch()  # jobs recovered from the journal as queued start now
+        next_beat = self.clock()
+        inbox = DatagramQueue(self.socket).start()
+        try:
+            while not stop.is_set():
+                for data, peer in inbox.get(0.1):
+                    self.handle(data, peer)
+                if self.clock() >= next_beat:
+                    self.heartbeat()
+                    next_beat = self.clock() + self.config.heartbeat
+        finally:
+            inbox.stop()
+            self.counters["dropped"] += inbox.dropped
+            self.close()
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.journal.close()
+        self.socket.close()
+        log.info("cuepipe serve stopped; %s", dict(self.counters))

@@ -1,0 +1,281 @@
+"""Scheduler: the daemon's queue — priorities, per-resource slots, cancel, and crash recovery.
+
+Jobs wait in priority order (higher first, then first come) until a slot of their pipeline's
+resource is free (e.g. ``gpu=1, cpu=2``); each running Job gets its own thread, which only blocks
+on its own stage process. Every accepted Job is in the Journal from the moment it is accepted, so
+after the daemon is killed the next start re-queues or marks as ``interrupted`` (per policy) what
+was running, and still shows what finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from enum import StrEnum
+from pathlib import Path
+
+from orchestrator import defaults
+from orchestrator.events import JOB_CANCELLED, JOB_QUEUED
+from orchestrator.job import Job, JobState, new_job_id
+from orchestrator.journal import JobRecord, Journal
+from orchestrator.pipeline import (
+    ConfigError,
+    Pipeline,
+    PipelineFile,
+    apply_overrides,
+    missing_resources,
+    stage_params,
+)
+from stages.events import Event
+from stages.stage import ParamKind
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Event, JobRecord], None]
+
+
+class Refusal(StrEnum):
+    """Why a Command was refused: the ``reason`` of ``reply/error`` (docs/protocol.md)."""
+
+    UNKNOWN_COMMAND = "unknown_command"
+    BAD_ARGUMENTS = "bad_arguments"
+    UNKNOWN_PIPELINE = "unknown_pipeline"
+    INPUT_MISSING = "input_missing"
+    MODEL_MISSING = "model_missing"
+    NOT_ALLOWED = "not_allowed"
+    QUEUE_FULL = "queue_full"
+    UNKNOWN_JOB = "unknown_job"
+
+
+class JobRefused(Exception):
+    def __init__(self, reason: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class RestartPolicy(StrEnum):
+    """What happens to a job that was running when the daemon died."""
+
+    REQUEUE = "requeue"  # run it again (once; a job that keeps killing the daemon is then interrupted)
+    INTERRUPTED = "interrupted"  # leave it marked interrupted
+
+
+def under_roots(path: Path, roots: Sequence[Path]) -> bool:
+    """True when ``path`` — symlinks and ``..`` resolved — lies inside one of ``roots``."""
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pipelines: PipelineFile,
+        journal: Journal,
+        sink: Sink,
+        slots: Mapping[str, int],
+        roots: Sequence[Path],
+        max_queue: int = defaults.MAX_QUEUE,
+        policy: RestartPolicy = RestartPolicy.REQUEUE,
+        python: str = sys.executable,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pipelines = pipelines
+        self.journal = journal
+        self.sink = sink
+        self.slots = dict(slots)
+        self.roots = tuple(roots)
+        self.max_queue = max_queue
+        self.python = python
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._records: dict[str, JobRecord] = {}
+        self._running: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._seq = 0
+        self._stopping = False
+        for name, p in pipelines.pipelines.items():
+            if self.slots.get(p.resource, 0) < 1:
+                raise ConfigError(pipelines.path, f"resource {p.resource!r} has no slots in this daemon "
+                                  f"(slots: {self.slots})", name, key="resource")
+        self._recover(policy)
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    def _recover(self, policy: RestartPolicy) -> None:
+        for r in self.journal.load():
+            self._records[r.id] = r
+            self._seq = max(self._seq, r.seq)
+            if r.pipeline in self.pipelines.pipelines:
+                r.resource = self.pipelines.pipelines[r.pipeline].resource
+            if r.state is not JobState.RUNNING:
+                continue
+            self._discard_work(r)
+            if policy is RestartPolicy.REQUEUE and r.restarts < 1 and r.pipeline in self.pipelines.pipelines:
+                r.state, r.message, r.restarts = JobState.QUEUED, "re-queued after the daemon restarted", r.restarts + 1
+            else:
+                r.state, r.message = JobState.INTERRUPTED, "the daemon stopped while this job was running"
+            r.index, r.overall, r.updated = -1, 0.0, self.clock()
+            self.journal.save(r)
+            log.warning("job %s was running when the daemon stopped: now %s", r.id, r.state.value)
+
+    def _discard_work(self, r: JobRecord) -> None:
+        pipeline = self.pipelines.pipelines.get(r.pipeline)
+        if pipeline is not None:
+            shutil.rmtree(pipeline.out / defaults.WORK_DIR_NAME / r.id, ignore_errors=True)
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def _pipeline_for(self, name: str, sets: Sequence[str]) -> Pipeline:
+        if name not in self.pipelines.pipelines:
+            raise JobRefused(Refusal.UNKNOWN_PIPELINE,
+                             f"unknown pipeline {name!r} (known: {', '.join(self.pipelines.pipelines)})")
+        try:
+            pipeline = apply_overrides(self.pipelines, self.pipelines.pipelines[name], list(sets))
+        except ConfigError as exc:
+            raise JobRefused(Refusal.BAD_ARGUMENTS, str(exc)) from None
+        for stage in pipeline.stages:  # paths given in overrides obey the roots too
+            declared = stage_params(stage.name)
+            for key, value in stage.params.items():
+                kind = declared[key].kind
+                is_path = kind is ParamKind.PATH or (kind is ParamKind.MODEL and str(value).endswith(".onnx"))
+                if is_path and value and not under_roots(Path(str(value)), self.roots):
+                    raise JobRefused(Refusal.NOT_ALLOWED, f"{stage.name}.{key}: {value} is outside the allowed roots")
+        missing = missing_resources(pipeline)
+        if missing:
+            raise JobRefused(Refusal.MODEL_MISSING, "; ".join(missing))
+        return pipeline
+
+    def submit(self, pipeline: str, input: str, sets: Sequence[str] = (), priority: int = 0, tag: str = "",
+               reply_to: tuple[str, int] | None = None) -> JobRecord:
+        """Validate and queue a job, or raise JobRefused saying why."""
+        resolved = self._pipeline_for(pipeline, sets)
+        path = Path(input)
+        if not path.is_absolute():
+            raise JobRefused(Refusal.BAD_ARGUMENTS, f"input must be an absolute path, got {input!r}")
+        if not under_roots(path, self.roots):
+            raise JobRefused(Refusal.NOT_ALLOWED, f"{input} is outside the allowed roots "
+                             f"({', '.join(map(str, self.roots))})")
+        if not path.is_file() and not path.is_dir():
+            raise JobRefused(Refusal.INPUT_MISSING, f"input not found: {input}")
+        with self._lock:
+            if self._stopping:
+                raise JobRefused(Refusal.NOT_ALLOWED, "the daemon is stopping")
+            if sum(1 for r in self._records.values() if r.state is JobState.QUEUED) >= self.max_queue:
+                raise JobRefused(Refusal.QUEUE_FULL, f"{self.max_queue} jobs are already queued")
+            self._seq += 1
+            now = self.clock()
+            record = JobRecord(new_job_id(), self._seq, pipeline, str(path.resolve()), tuple(sets), priority,
+                               JobState.QUEUED, now, now, tag=tag, reply_to=reply_to, resource=resolved.resource)
+            self._records[record.id] = record
+            self.journal.save(record)
+        self.sink(Event(JOB_QUEUED, {"job": record.id, "pipeline": pipeline, "input": record.input,
+                                     "priority": priority}), record)
+        self.dispatch()
+        return record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._lock:
+            record = self._records.get(job_id)
+            if record is None:
+                raise JobRefused(Refusal.UNKNOWN_JOB, f"no job {job_id!r}")
+            if record.finished:
+                raise JobRefused(Refusal.BAD_ARGUMENTS, f"job {job_id} is already {record.state.value}")
+            if record.state is JobState.QUEUED:
+                record.state, record.updated, record.message = JobState.CANCELLED, self.clock(), "cancelled"
+                self.journal.save(record)
+                queued = True
+            else:
+                self._running[job_id][1].set()  # the Job kills its stage tree and reports job/cancelled
+                queued = False
+        if queued:
+            self.sink(Event(JOB_CANCELLED, {"job": job_id, "index": -1, "stage": ""}), record)
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            if job_id not in self._records:
+                raise JobRefused(Refusal.UNKNOWN_JOB, f"no job {job_id!r}")
+            return self._records[job_id]
+
+    def records(self) -> list[JobRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.seq)
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            queued = sum(1 for r in self._records.values() if r.state is JobState.QUEUED)
+            return queued, len(self._running)
+
+    # --- running --------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Start queued jobs, highest priority first, while their resource has a free slot."""
+        with self._lock:
+            if self._stopping:
+                return
+            queued = sorted((r for r in self._records.values() if r.state is JobState.QUEUED),
+                            key=lambda r: (-r.priority, r.seq))
+            for record in queued:
+                busy = sum(1 for rid in self._running if self._records[rid].resource == record.resource)
+                if busy < self.slots.get(record.resource, 0):
+                    self._start(record)
+
+    def _start(self, record: JobRecord) -> None:
+        try:
+            pipeline = self._pipeline_for(record.pipeline, record.sets)
+        except JobRefused as exc:  # e.g. the file changed under a re-queued job
+            record.state, record.message = JobState.FAILED, exc.message
+            self.journal.save(record)
+            return
+        cancel = threading.Event()
+        job = Job(pipeline, Path(record.input), lambda e: self._on_event(record, e), job_id=record.id,
+                  python=self.python, cancel=cancel)
+        thread = threading.Thread(target=self._run, args=(record, job), name=f"cuepipe-job-{record.id}")
+        record.state, record.updated = JobState.RUNNING, self.clock()
+        self.journal.save(record)
+        self._running[record.id] = (thread, cancel)
+        thread.start()
+
+    def _run(self, record: JobRecord, job: Job) -> None:
+        try:
+            result = job.run()
+            state, outputs, message = result.state, tuple(map(str, result.outputs)), result.message
+        except Exception as exc:  # a bug must not take the daemon down; the job is failed and logged
+            log.exception("job %s crashed the scheduler thread", record.id)
+            state, outputs, message = JobState.FAILED, (), f"internal error: {exc}"
+        with self._lock:
+            if self._stopping and state is JobState.CANCELLED:
+                state, message = JobState.INTERRUPTED, "the daemon was stopped while this job was running"
+            record.state, record.outputs, record.updated = state, outputs, self.clock()
+            record.message = message or (outputs[0] if outputs else "")
+            if state is JobState.DONE:
+                record.overall = 1.0
+            self.journal.save(record)
+            del self._running[record.id]
+        self.dispatch()
+
+    def _on_event(self, record: JobRecord, event: Event) -> None:
+        name = event.spec.name
+        with self._lock:
+            if name == "job/stage_started":
+                record.index, record.updated = event["index"], self.clock()
+                self.journal.save(record)
+            elif name == "job/progress":
+                record.overall = event["overall"]
+            elif name in ("job/failed", "job/stage_failed"):
+                record.message = f"{event['kind']}: {event['message']}"
+        self.sink(event, record)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel running jobs (their trees are killed), join their threads; queued jobs stay queued."""
+        with self._lock:
+            self._stopping = True
+            running = list(self._running.values())
+        for _, cancel in running:
+            cancel.set()
+        for thread, _ in running:
+            thread.join(timeout)

@@ -1,0 +1,311 @@
+"""``cuepipe serve`` over loopback with a fake-TD client: real daemon process, real UDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.commands import COMMANDS, REPLIES
+from orchestrator.events import JOB_EVENTS
+from stages.events import Event, EventError, decode, encode
+from tests.conftest import subprocess_env
+
+PIPELINES = """
+version = 1
+[defaults]
+stall_timeout = 0
+[pipelines.quick]
+[[pipelines.quick.stages]]
+stage = "misbehaving"
+[pipelines.slow]
+[[pipelines.slow.stages]]
+stage = "misbehaving"
+params = { mode = "hang_silent" }
+[pipelines.crashy]
+[[pipelines.crashy.stages]]
+stage = "misbehaving"
+retries = 1
+params = { mode = "slow", frames = 200 }
+"""
+BY_NAME = {spec.name: spec for spec in COMMANDS}
+
+
+class Client:
+    """What TouchDesigner does: an OSC Out (commands) and an OSC In (replies, Events) on one socket."""
+
+    def __init__(self, port: int, bind: str = "127.0.0.1") -> None:
+        self.daemon = ("127.0.0.1", port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        self.sock.bind((bind, 0))
+        self.events: list[Event] = []
+
+    def send(self, name: str, tag: str = "t", **fields: object) -> None:
+        self.sock.sendto(encode(BY_NAME[name], tag=tag, reply_port=0, **fields), self.daemon)
+
+    def pump(self, timeout: float = 0.05) -> None:
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except TimeoutError:
+                return
+            self.events.extend(decode(data, REPLIES + JOB_EVENTS))
+
+    def wait(self, name: str, timeout: float = 30, **match: object) -> Event:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events:
+                if e.spec.name == name and all(e.fields.get(k) == v for k, v in match.items()):
+                    return e
+            self.pump()
+        raise AssertionError(f"no {name} {match} in {timeout}s; got {[e.spec.name for e in self.events]}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Server:
+    def __init__(self, root: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(root / "pipelines.toml"), "serve",
+               "--port", "0", "--root", str(root), "--state", str(root / "state"), *extra]
+        kwargs: dict[str, object] = {}
+        if sys.platform == "win32":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        self.proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, **kwargs)  # type: ignore[call-overload]
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, f"daemon did not start: {line!r}"
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.CTRL_BREAK_EVENT if sys.platform == "win32" else signal.SIGTERM)  # type: ignore[attr-defined]
+        code = self.proc.wait(timeout=30)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code
+
+    def kill_hard(self) -> None:
+        """SIGKILL the daemon (as an OOM killer would); its stage trees die with their Job threads? No:
+        they are separate process groups, so kill them too, as the next start expects to find nothing."""
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.kill()
+        self.proc.wait()
+        for child in children:
+            child.kill()
+        psutil.wait_procs(children, timeout=5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "pipelines.toml").write_text(PIPELINES)
+    (tmp_path / "clip.txt").write_text("pretend video")
+    return tmp_path
+
+
+@pytest.fixture
+def server(root: Path) -> Iterator[Server]:
+    srv = Server(root)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[Client]:
+    c = Client(server.port)
+    yield c
+    c.close()
+
+
+def test_run_status_round_trip(root: Path, client: Client) -> None:
+    client.send("cmd/ping", tag="p1")
+    assert client.wait("reply/pong", tag="p1")["uptime"] >= 0
+    client.send("cmd/run", tag="go", pipeline="quick", input=str(root / "clip.txt"), priority=0, sets=["0.frames=3"])
+    ack = client.wait("reply/ack", tag="go")
+    job = ack["job"]
+    client.wait("job/queued", job=job)
+    done = client.wait("job/done", job=job)
+    assert Path(done["outputs"][0]).read_text() == "pretend video"
+    client.send("cmd/status", tag="s1", job=job)
+    status = client.wait("reply/status", tag="s1")
+    assert (status["state"], status["overall"], status["pipeline"]) == ("done", 1.0, "quick")
+    client.send("cmd/list", tag="l1")
+    assert '"quick"' in client.wait("reply/pipelines", tag="l1")["pipelines"]
+
+
+def test_refusals(root: Path, client: Client) -> None:
+    outside = root.parent / f"{root.name}-outside.txt"
+    outside.write_text("x")
+    if sys.platform != "win32":
+        (root / "link.txt").symlink_to(outside)
+    cases = [
+        ("nope", str(root / "clip.txt"), [], "unknown_pipeline"),
+        ("quick", str(root / "missing.mp4"), [], "input_missing"),
+        ("quick", str(root / ".." / outside.name), [], "not_allowed"),  # `..` escape
+        ("quick", "clip.txt", [], "bad_arguments"),  # relative: the daemon's cwd is not TD's
+        ("quick", str(root / "clip.txt"), ["0.frames=lots"], "bad_arguments"),
+    ]
+    if sys.platform != "win32":
+        cases.append(("quick", str(root / "link.txt"), [], "not_allowed"))  # symlink escape
+    for i, (pipeline, path, sets, reason) in enumerate(cases):
+        client.send("cmd/run", tag=f"r{i}", pipeline=pipeline, input=path, priority=0, sets=sets)
+        error = client.wait("reply/error", tag=f"r{i}")
+        assert error["reason"] == reason, (path, error.fields)
+    client.send("cmd/cancel", tag="c", job="no-such-job")
+    assert client.wait("reply/error", tag="c")["reason"] == "unknown_job"
+    client.sock.sendto(b"/cuepipe/v1/cmd/dance\x00\x00\x00,\x00\x00\x00", client.daemon)
+    assert client.wait("reply/error", tag="")["reason"] == "unknown_command"
+    assert not [e for e in client.events if e.spec.name == "job/queued"]
+
+
+def test_cancel_queued_and_running(root: Path, client: Client) -> None:
+    client.send("cmd/run", tag="a", pipeline="slow", input=str(root / "clip.txt"), priority=0,
+                sets=[f"0.pidfile={root / 'pids.txt'}"])
+    running = client.wait("reply/ack", tag="a")["job"]
+    client.send("cmd/run", tag="b", pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
+    queued = client.wait("reply/ack", tag="b")["job"]  # one cpu slot: this one waits
+    client.wait("job/stage_started", job=running)
+    client.send("cmd/status", tag="s", job=queued)
+    assert client.wait("reply/status", tag="s")["state"] == "queued"
+    client.send("cmd/cancel", tag="cq", job=queued)
+    client.wait("reply/ack", tag="cq")
+    client.wait("job/cancelled", job=queued)
+    deadline = time.monotonic() + 10
+    while not (root / "pids.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pids = [int(p) for p in (root / "pids.txt").read_text().split()]
+    client.send("cmd/cancel", tag="cr", job=running)
+    client.wait("job/cancelled", job=running)
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not (root / "out" / ".cuepipe-work" / running).exists()  # partial outputs removed
+    assert "job/started" not in [e.spec.name for e in client.events if e.fields.get("job") == queued]
+
+
+def test_priority_jumps_the_queue(root: Path, client: Client) -> None:
+    client.send("cmd/run", tag="hold", pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
+    holder = client.wait("reply/ack", tag="hold")["job"]
+    client.wait("job/stage_started", job=holder)
+    jobs = {}
+    for tag, priority in [("batch", 0), ("live", 10)]:
+        client.send("cmd/run", tag=tag, pipeline="quick", input=str(root / "clip.txt"), priority=priority, sets=[])
+        jobs[tag] = client.wait("reply/ack", tag=tag)["job"]
+    client.send("cmd/cancel", tag="free", job=holder)
+    client.wait("job/done", job=jobs["batch"])
+    started = [e["job"] for e in client.events if e.spec.name == "job/started"]
+    assert started.index(jobs["live"]) < started.index(jobs["batch"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_stage_killed_mid_job_is_retried_then_reported(root: Path, client: Client) -> None:
+    client.send("cmd/run", tag="k", pipeline="crashy", input=str(root / "clip.txt"), priority=0, sets=[])
+    job = client.wait("reply/ack", tag="k")["job"]
+    first = client.wait("job/stage_started", job=job)
+    os.kill(first["pid"], signal.SIGKILL)
+    failed = client.wait("job/stage_failed", job=job)
+    assert (failed["exit_code"], failed["kind"], failed["retrying"]) == (-signal.SIGKILL, "crashed", 1)
+    second = client.wait("job/stage_started", job=job, attempt=2)
+    os.kill(second["pid"], signal.SIGKILL)
+    assert client.wait("job/failed", job=job)["kind"] == "crashed"
+    client.send("cmd/status", tag="s", job=job)
+    assert client.wait("reply/status", tag="s")["state"] == "failed"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_daemon_killed_then_restarted_accounts_for_every_job(root: Path) -> None:
+    first = Server(root)
+    c = Client(first.port)
+    try:
+        c.send("cmd/run", tag="d", pipeline="quick", input=str(root / "clip.txt"), priority=0, sets=[])
+        done_job = c.wait("reply/ack", tag="d")["job"]
+        out = Path(c.wait("job/done", job=done_job)["outputs"][0])
+        c.send("cmd/run", tag="r", pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
+        running_job = c.wait("reply/ack", tag="r")["job"]
+        c.wait("job/stage_started", job=running_job)
+        c.send("cmd/run", tag="q", pipeline="quick", input=str(root / "clip.txt"), priority=0, sets=[])
+        queued_job = c.wait("reply/ack", tag="q")["job"]
+    finally:
+        first.kill_hard()
+        c.close()
+    second = Server(root, "--on-restart", "interrupted")
+    c = Client(second.port)
+    try:
+        c.send("cmd/subscribe", tag="sub")  # a reconnecting TD subscribes first: re-queued jobs report to it
+        c.wait("reply/ack", tag="sub")
+        c.send("cmd/status", tag="all", job="")
+        c.wait("reply/ack", tag="all")
+        states = {e["job"]: e["state"] for e in c.events if e.spec.name == "reply/status"}
+        assert states[done_job] == "done" and out.read_text() == "pretend video"
+        assert states[running_job] == "interrupted"
+        assert states[queued_job] in ("queued", "running", "done")  # re-queued: it runs now
+        if states[queued_job] != "done":
+            c.wait("job/done", job=queued_job)
+    finally:
+        second.stop()
+        c.close()
+
+
+def test_burst_of_10000_half_malformed(client: Client) -> None:
+    """5,000 valid pings interleaved with 5,000 bad datagrams, sent as fast as Python can.
+
+    Oversized (20 KB) datagrams are 1 in 100 of the bad ones: 50 of them test that they are refused
+    without disturbing anything. (A burst of thousands of them is tens of MB, more than any socket
+    buffer holds; UDP then drops datagrams in the kernel before any server sees them.)
+    """
+    garbage = [b"", b"\x00" * 7, b"#bundle\x00garbage", b"/cuepipe/v1/cmd/ping\x00\x00\x00\x00,s\x00\x00",
+               b"/\xff\xfe\x00,\x00\x00\x00"]
+    valid = 0
+    for i in range(10_000):
+        if i % 2:
+            client.sock.sendto(b"x" * 20000 if i % 200 == 1 else garbage[i % len(garbage)], client.daemon)
+        else:
+            client.send("cmd/ping", tag=f"b{i}")
+            valid += 1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(e.spec.name == "reply/pong" for e in client.events) < valid:
+        client.pump(0.2)
+    pongs = {e["tag"] for e in client.events if e.spec.name == "reply/pong"}
+    assert len(pongs) == valid, f"lost {valid - len(pongs)} of {valid} valid commands"
+    client.send("cmd/ping", tag="after")
+    client.wait("reply/pong", tag="after")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs the whole 127/8 loopback (Linux)")
+def test_peer_outside_allow_list_is_refused(root: Path) -> None:
+    srv = Server(root, "--allow", "127.0.0.2")
+    stranger, friend = Client(srv.port), Client(srv.port, bind="127.0.0.2")
+    try:
+        stranger.send("cmd/ping", tag="s")
+        friend.send("cmd/ping", tag="f")
+        friend.wait("reply/pong", tag="f")
+        stranger.pump(0.5)
+        assert stranger.events == []  # no reply at all: not even an error to a stranger
+    finally:
+        srv.stop()
+        stranger.close()
+        friend.close()
+
+
+def test_non_loopback_bind_needs_allow_list(root: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--pipelines", str(root / "pipelines.toml"),
+                           "serve", "--host", "0.0.0.0", "--port", "0"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--allow" in proc.stderr
+
+
+def test_garbage_never_decodes_as_a_command() -> None:
+    with pytest.raises(EventError):
+        decode(b"/cuepipe/v1/cmd/ping\x00\x00\x00\x00,s\x00\x00", COMMANDS)
