@@ -217,6 +217,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from orchestrator.supervisor import Supervisor
+
+    argv = [sys.executable, "-m", "orchestrator.cli"]
+    if args.pipelines:
+        argv += ["--pipelines", str(args.pipelines.resolve())]
+    argv += ["serve", *args.serve_args]
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    print(f"supervising: {' '.join(argv[3:])} (log: {args.log})", flush=True)
+    with cancel_on_signals(stop):
+        return Supervisor(argv, Path.cwd(), args.log.resolve()).run(stop)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import demo
 
@@ -272,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what to do with jobs that were running when the daemon died")
     srv.set_defaults(func=cmd_serve)
 
+    sup = sub.add_parser("supervise", help="keep `cuepipe serve` running (exhibitions): restart with backoff")
+    sup.add_argument("--log", type=Path, default=Path(".cuepipe-state/serve.log"), help="the daemon's log file")
+    sup.add_argument("serve_args", nargs="*", metavar="SERVE_ARG",
+                     help="arguments for `cuepipe serve`, after --, e.g. -- --port 9000 --root D:/takes")
+    sup.set_defaults(func=cmd_supervise)
+
     demo = sub.add_parser("demo", help="fetch the model, make a synthetic clip, run the default pipeline")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.add_argument("--pipeline", default=None, help="pipeline to run (default: the embedded default)")
@@ -286,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "supervise":  # everything it does not know is for `cuepipe serve`
+        args.serve_args = [a for a in [*args.serve_args, *extra] if a != "--"]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     code: int = args.func(args)

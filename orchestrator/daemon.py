@@ -176,6 +176,7 @@ class Daemon:
                 for data, peer in inbox.get(0.1):
                     self.handle(data, peer)
                 if self.clock() >= next_beat:
+                    self.scheduler.dispatch()  # e.g. keep_running restarts whose backoff has passed
                     self.heartbeat()
                     next_beat = self.clock() + self.config.heartbeat
         finally:

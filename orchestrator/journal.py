@@ -59,6 +59,7 @@ class JobRecord:
     reply_to: tuple[str, int] | None = None
     restarts: int = 0
     resource: str = field(default="cpu", compare=False)
+    not_before: float = field(default=0.0, compare=False)  # keep_running restart backoff (not journaled)
 
     @property
     def finished(self) -> bool:

@@ -61,6 +61,7 @@ class Pipeline:
     out: Path
     report: tuple[tuple[str, int], ...]
     resource: str = defaults.RESOURCE  # which daemon slot pool the pipeline's jobs use (e.g. cpu, gpu)
+    keep_running: bool = False  # the daemon starts it again after it fails (live jobs, exhibitions)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class PipelineFile:
 
 
 _STAGE_KEYS = {"stage", "params", "timeout", "stall_timeout", "retries", "keep"}
-_PIPELINE_KEYS = {"description", "stages", "out", "report", "resource"}
+_PIPELINE_KEYS = {"description", "stages", "out", "report", "resource", "keep_running"}
 _DEFAULT_KEYS = {"timeout", "stall_timeout", "retries", "out", "report"}
 
 
@@ -214,6 +215,10 @@ def parse(text: str, path: Path) -> PipelineFile:
         if not isinstance(resource, str) or not resource:
             raise ConfigError(path, f"resource must be a name such as 'cpu' or 'gpu', got {resource!r}", pname,
                               key="resource")
+        keep_running = praw.get("keep_running", False)
+        if not isinstance(keep_running, bool):
+            raise ConfigError(path, f"keep_running must be true or false, got {keep_running!r}", pname,
+                              key="keep_running")
         pipelines[pname] = Pipeline(
             name=pname,
             description=description,
@@ -222,6 +227,7 @@ def parse(text: str, path: Path) -> PipelineFile:
             out=(path.parent / out).resolve(),
             report=default_report + _reports(path, praw.get("report", []), pname),
             resource=resource,
+            keep_running=keep_running,
         )
     return PipelineFile(path=path, pipelines=MappingProxyType(pipelines))
 

@@ -114,7 +114,9 @@ class Scheduler:
             if r.state is not JobState.RUNNING:
                 continue
             self._discard_work(r)
-            if policy is RestartPolicy.REQUEUE and r.restarts < 1 and r.pipeline in self.pipelines.pipelines:
+            known = r.pipeline in self.pipelines.pipelines
+            live = known and self._keeps_running(r)  # live jobs always come back
+            if known and (live or (policy is RestartPolicy.REQUEUE and r.restarts < 1)):
                 r.state, r.message, r.restarts = JobState.QUEUED, "re-queued after the daemon restarted", r.restarts + 1
             else:
                 r.state, r.message = JobState.INTERRUPTED, "the daemon stopped while this job was running"
@@ -217,7 +219,9 @@ class Scheduler:
         with self._lock:
             if self._stopping:
                 return
-            queued = sorted((r for r in self._records.values() if r.state is JobState.QUEUED),
+            now = self.clock()
+            queued = sorted((r for r in self._records.values()
+                             if r.state is JobState.QUEUED and r.not_before <= now),
                             key=lambda r: (-r.priority, r.seq))
             for record in queued:
                 busy = sum(1 for rid in self._running if self._records[rid].resource == record.resource)
@@ -256,7 +260,32 @@ class Scheduler:
                 record.overall = 1.0
             self.journal.save(record)
             del self._running[record.id]
+            again = state is JobState.FAILED and not self._stopping and self._keeps_running(record)
+        if again:
+            self._restart(record)
         self.dispatch()
+
+    def _keeps_running(self, record: JobRecord) -> bool:
+        pipeline = self.pipelines.pipelines.get(record.pipeline)
+        return pipeline is not None and pipeline.keep_running
+
+    def _restart(self, failed: JobRecord) -> None:
+        """A keep_running pipeline failed: queue it again, after 1, 2, 4 ... 60 s."""
+        with self._lock:
+            self._seq += 1
+            now = self.clock()
+            restarts = failed.restarts + 1
+            record = JobRecord(new_job_id(), self._seq, failed.pipeline, failed.input, failed.sets, failed.priority,
+                               JobState.QUEUED, now, now, tag=failed.tag, reply_to=failed.reply_to,
+                               restarts=restarts, resource=failed.resource,
+                               not_before=now + min(60.0, 2.0 ** (restarts - 1)),
+                               message=f"restart {restarts} of keep_running job {failed.id}")
+            self._records[record.id] = record
+            self.journal.save(record)
+        log.warning("keep_running pipeline %s failed (job %s); restarting as %s", failed.pipeline, failed.id,
+                    record.id)
+        self.sink(Event(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
+                                     "priority": record.priority}), record)
 
     def _on_event(self, record: JobRecord, event: Event) -> None:
         name = event.spec.name

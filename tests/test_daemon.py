@@ -30,6 +30,11 @@ stage = "misbehaving"
 [[pipelines.slow.stages]]
 stage = "misbehaving"
 params = { mode = "hang_silent" }
+[pipelines.live]
+keep_running = true
+[[pipelines.live.stages]]
+stage = "misbehaving"
+params = { mode = "exit3" }
 [pipelines.crashy]
 [[pipelines.crashy.stages]]
 stage = "misbehaving"
@@ -256,6 +261,46 @@ def test_daemon_killed_then_restarted_accounts_for_every_job(root: Path) -> None
     finally:
         second.stop()
         c.close()
+
+
+def test_keep_running_pipeline_restarts_after_a_crash(root: Path, client: Client) -> None:
+    client.send("cmd/run", tag="live", pipeline="live", input=str(root / "clip.txt"), priority=10, sets=[])
+    first = client.wait("reply/ack", tag="live")["job"]
+    assert client.wait("job/failed", job=first)["exit_code"] == 3
+    requeued = [e for e in client.events if e.spec.name == "job/queued" and e["job"] != first]
+    second = requeued[0]["job"] if requeued else client.wait("job/queued", timeout=5)["job"]
+    assert second != first
+    client.wait("job/started", job=second)  # after its 1 s backoff
+    client.wait("job/failed", job=second)
+    third = [e["job"] for e in client.events if e.spec.name == "job/queued" and e["job"] not in (first, second)]
+    deadline = time.monotonic() + 10
+    while not third and time.monotonic() < deadline:
+        client.pump(0.1)
+        third = [e["job"] for e in client.events if e.spec.name == "job/queued" and e["job"] not in (first, second)]
+    assert third, "a keep_running pipeline must keep coming back"
+    client.send("cmd/cancel", tag="stop", job=third[0])  # a cancel ends the chain
+    client.wait("job/cancelled", job=third[0])
+    client.pump(2.5)
+    later = {e["job"] for e in client.events if e.spec.name == "job/queued"} - {first, second, third[0]}
+    assert later == set()
+
+
+def test_heartbeat_to_subscribers(client: Client) -> None:
+    client.send("cmd/subscribe", tag="sub")
+    client.wait("reply/ack", tag="sub")
+    beats = []
+    deadline = time.monotonic() + 5
+    while len(beats) < 2 and time.monotonic() < deadline:
+        client.pump(0.2)
+        beats = [e for e in client.events if e.spec.name == "daemon/heartbeat"]
+    assert len(beats) >= 2 and beats[1]["uptime"] > beats[0]["uptime"]
+    assert (beats[0]["queued"], beats[0]["running"], beats[0]["workers"]) == (0, 0, "[]")
+    client.send("cmd/unsubscribe", tag="unsub")
+    client.wait("reply/ack", tag="unsub")
+    client.pump(0.1)
+    count = len([e for e in client.events if e.spec.name == "daemon/heartbeat"])
+    client.pump(1.5)
+    assert len([e for e in client.events if e.spec.name == "daemon/heartbeat"]) == count
 
 
 def test_burst_of_10000_half_malformed(client: Client) -> None:
