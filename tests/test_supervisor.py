@@ -55,7 +55,12 @@ def test_daemon_is_revived_after_sigkill(tmp_path: Path) -> None:
         raise AssertionError(f"the daemon did not (re)start: {log.read_text() if log.exists() else 'no log'}")
 
     try:
-        first = ports(1)[0]
+        first = Client(ports(1)[0])
+        try:
+            first.send("cmd/ping", tag="before")
+            first.wait("reply/pong", tag="before")
+        finally:
+            first.close()
         [daemon] = psutil.Process(sup.pid).children()
         daemon.kill()
         second = ports(2)[1]
