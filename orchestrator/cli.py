@@ -200,7 +200,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     config = DaemonConfig(host=args.host, port=args.port, allow=tuple(args.allow),
                           roots=tuple(Path(r).resolve() for r in args.root), state_dir=args.state,
-                          slots=args.slots, max_queue=args.max_queue, policy=RestartPolicy(args.on_restart))
+                          slots=args.slots, max_queue=args.max_queue, policy=RestartPolicy(args.on_restart),
+                          warm=tuple(args.warm))
     try:
         daemon = Daemon(config, pipelines)
     except (DaemonError, ConfigError) as exc:
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE)
     srv.add_argument("--on-restart", choices=["requeue", "interrupted"], default="requeue",
                      help="what to do with jobs that were running when the daemon died")
+    srv.add_argument("--warm", action="append", default=[], metavar="STAGE",
+                     help="start a resident worker for STAGE at once (stages marked warm = true use them)")
     srv.set_defaults(func=cmd_serve)
 
     sup = sub.add_parser("supervise", help="keep `cuepipe serve` running (exhibitions): restart with backoff")

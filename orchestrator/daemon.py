@@ -27,6 +27,7 @@ from orchestrator.journal import JobRecord, Journal
 from orchestrator.pipeline import PipelineFile, describe
 from orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
 from orchestrator.transport import DatagramQueue, EventSocket
+from orchestrator.worker_pool import WorkerPool
 from stages.events import Event, EventError, EventSpec, MalformedPacket, UnknownAddress, decode, encode
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class DaemonConfig:
     max_queue: int = defaults.MAX_QUEUE
     policy: RestartPolicy = RestartPolicy.REQUEUE
     heartbeat: float = defaults.HEARTBEAT_INTERVAL
+    warm: tuple[str, ...] = ()  # stages to start a resident Worker for at once
+    worker_max_jobs: int = defaults.WORKER_MAX_JOBS
+    worker_max_rss: int = defaults.WORKER_MAX_RSS
 
     def validate(self) -> None:
         try:
@@ -56,6 +60,11 @@ class DaemonConfig:
         if not loopback and not self.allow:
             raise DaemonError(f"binding to {self.host} exposes the daemon to the network: give the peers "
                               "allowed to send commands with --allow ADDRESS (repeatable)")
+        from stages import STAGES
+
+        for stage in self.warm:
+            if stage not in STAGES:
+                raise DaemonError(f"--warm {stage}: unknown stage (known: {', '.join(STAGES)})")
         for peer in self.allow:
             try:
                 ipaddress.ip_address(peer)
@@ -74,12 +83,17 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self.subscribers: frozenset[tuple[str, int]] = frozenset()  # replaced, never mutated: job threads read it
         self.socket = EventSocket(commands.COMMANDS, config.host, config.port, peers=config.allow or None)
+        self.pool = WorkerPool(config.state_dir / "workers", max_jobs=config.worker_max_jobs,
+                               max_rss=config.worker_max_rss)
         try:
             self.journal = Journal(config.state_dir / "journal.sqlite3")
             self.scheduler = Scheduler(pipelines, self.journal, self._job_event,
                                        config.slots or defaults.SLOTS, config.roots or (Path.cwd(),),
-                                       config.max_queue, config.policy)
+                                       config.max_queue, config.policy, pool=self.pool)
+            for stage in config.warm:
+                self.pool.warm(stage)
         except Exception:
+            self.pool.stop()
             self.socket.close()
             raise
         self._pipelines_json = json.dumps(describe(pipelines), separators=(",", ":"))
@@ -114,8 +128,7 @@ class Daemon:
 
     def heartbeat(self) -> None:
         queued, running = self.scheduler.counts()
-        workers = [{"job": r.id, "stage_index": r.index, "state": r.state.value}
-                   for r in self.scheduler.records() if r.state.value == "running"]
+        workers = self.pool.states()
         targets = set(self.subscribers)
         self._send(commands.HEARTBEAT, {"uptime": self.uptime(), "queued": queued, "running": running,
                                         "workers": json.dumps(workers)}, targets)
@@ -186,6 +199,7 @@ class Daemon:
 
     def close(self) -> None:
         self.scheduler.stop()
+        self.pool.stop()
         self.journal.close()
         self.socket.close()
         log.info("cuepipe serve stopped; %s", dict(self.counters))

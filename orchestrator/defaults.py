@@ -30,3 +30,5 @@ MAX_COMMAND_BYTES = 16384  # larger command datagrams are counted and refused
 HEARTBEAT_INTERVAL = 1.0
 SLOTS = {"cpu": 1, "gpu": 1}  # concurrent jobs per resource
 RESOURCE = "cpu"  # a pipeline's resource unless it says otherwise
+WORKER_MAX_JOBS = 200  # a resident worker is recycled after this many jobs ...
+WORKER_MAX_RSS = 4 << 30  # ... or when it holds more memory than this (bytes)

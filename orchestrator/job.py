@@ -37,7 +37,8 @@ from orchestrator.events import (
 )
 from orchestrator.pipeline import Pipeline, Stage
 from orchestrator.transport import EventSocket
-from orchestrator.worker import Worker, WorkerError
+from orchestrator.worker import Task, Worker, WorkerError, stage_env
+from orchestrator.worker_pool import ResidentTask, WorkerPool
 from stages import STAGES
 from stages.events import STAGE_EVENTS, ErrorKind, Event, EventSpec
 from stages.stage import option
@@ -119,6 +120,7 @@ class Job:
         python: str = sys.executable,
         cancel: threading.Event | None = None,
         keep_work: bool = False,
+        pool: WorkerPool | None = None,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pipeline = pipeline
@@ -130,6 +132,7 @@ class Job:
         self.python = python
         self.cancel = cancel or threading.Event()
         self.keep_work = keep_work
+        self.pool = pool  # resident Workers for stages marked warm (the daemon's); None: always cold
         self.now = now
         self.work_dir = self.out_dir / defaults.WORK_DIR_NAME / self.job_id
 
@@ -211,13 +214,9 @@ class Job:
         tag = f"{index:02d}-{stage.name}" + (f"-attempt{number}" if number > 1 else "")
         out = self.work_dir / tag
         out.mkdir()
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(defaults.REPO_ROOT), os.environ.get("PYTHONPATH")])))
-        worker = Worker(self.argv(stage, source, out, sock.port), out, self.work_dir / f"{tag}.log",
-                        env=env, now=self.now)
         result = Attempt()
         try:
-            worker.start()
+            worker = self._launch(stage, source, out, sock.port, tag)
         except WorkerError as exc:
             return Attempt(kind=ErrorKind.CRASHED, message=str(exc))
         last_event = self.now()
@@ -248,6 +247,19 @@ class Job:
             self._emit(JOB_STAGE_DONE, index=index, stage=stage.name, frames=result.frames,
                        seconds=result.seconds, outputs=[str(p) for p in result.outputs])
         return result
+
+    def _launch(self, stage: Stage, source: Path, out: Path, port: int, tag: str) -> Task:
+        """Start the stage: on a resident Worker from the pool when the stage is ``warm``, else cold."""
+        if self.pool is not None and stage.warm:
+            resident = self.pool.lease(stage.name, self.cancel)
+            if not resident.submit(self.job_id, source, out, port, stage.params):
+                self.pool.release(resident, crashed=True)
+                raise WorkerError(f"the resident {stage.name} worker died before taking the job")
+            return ResidentTask(self.pool, resident, self.now)
+        worker = Worker(self.argv(stage, source, out, port), out, self.work_dir / f"{tag}.log",
+                        env=stage_env(), now=self.now)
+        worker.start()
+        return worker
 
     def _stop_reason(self, stage: Stage, started_at: float, last_event: float) -> tuple[ErrorKind, str] | None:
         """Why the launcher must stop the running stage now, if it must."""

@@ -48,6 +48,7 @@ class Stage:
     stall_timeout: float | None
     retries: int
     keep: bool  # also publish this stage's outputs (the last stage's are always published)
+    warm: bool = False  # under `cuepipe serve`, run on a resident Worker that keeps its model loaded
 
     def label(self, index: int) -> str:
         return f"{index} {self.name!r}"
@@ -70,7 +71,7 @@ class PipelineFile:
     pipelines: Mapping[str, Pipeline] = field(default_factory=dict)
 
 
-_STAGE_KEYS = {"stage", "params", "timeout", "stall_timeout", "retries", "keep"}
+_STAGE_KEYS = {"stage", "params", "timeout", "stall_timeout", "retries", "keep", "warm"}
 _PIPELINE_KEYS = {"description", "stages", "out", "report", "resource", "keep_running"}
 _DEFAULT_KEYS = {"timeout", "stall_timeout", "retries", "out", "report"}
 
@@ -155,9 +156,10 @@ def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, A
     if not isinstance(params, dict):
         raise ConfigError(file, "params must be a table", pipeline, label, "params")
     merged = {**base, **{k: raw[k] for k in ("timeout", "stall_timeout", "retries") if k in raw}}
-    keep = raw.get("keep", False)
-    if not isinstance(keep, bool):
-        raise ConfigError(file, f"keep must be true or false, got {keep!r}", pipeline, label, "keep")
+    keep, warm = raw.get("keep", False), raw.get("warm", False)
+    for key, value in (("keep", keep), ("warm", warm)):
+        if not isinstance(value, bool):
+            raise ConfigError(file, f"{key} must be true or false, got {value!r}", pipeline, label, key)
     stall = merged.get("stall_timeout")
     return Stage(
         name=name,
@@ -167,6 +169,7 @@ def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, A
             _number(file, stall, "stall_timeout", pipeline, label, "stall_timeout")),
         retries=int(_number(file, merged["retries"], "retries", pipeline, label, "retries", integer=True)),
         keep=keep,
+        warm=warm,
     )
 
 
@@ -299,7 +302,7 @@ def describe(pipelines: PipelineFile) -> dict[str, Any]:
                 "out": str(p.out),
                 "stages": [
                     {"stage": s.name, "params": dict(s.params), "timeout": s.timeout,
-                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep}
+                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep, "warm": s.warm}
                     for s in p.stages
                 ],
             }

@@ -30,6 +30,7 @@ from orchestrator.pipeline import (
     missing_resources,
     stage_params,
 )
+from orchestrator.worker_pool import WorkerPool
 from stages.events import Event
 from stages.stage import ParamKind
 
@@ -83,6 +84,7 @@ class Scheduler:
         policy: RestartPolicy = RestartPolicy.REQUEUE,
         python: str = sys.executable,
         clock: Callable[[], float] = time.time,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.pipelines = pipelines
         self.journal = journal
@@ -92,6 +94,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.python = python
         self.clock = clock
+        self.pool = pool
         self._lock = threading.RLock()
         self._records: dict[str, JobRecord] = {}
         self._running: dict[str, tuple[threading.Thread, threading.Event]] = {}
@@ -237,7 +240,7 @@ class Scheduler:
             return
         cancel = threading.Event()
         job = Job(pipeline, Path(record.input), lambda e: self._on_event(record, e), job_id=record.id,
-                  python=self.python, cancel=cancel)
+                  python=self.python, cancel=cancel, pool=self.pool)
         thread = threading.Thread(target=self._run, args=(record, job), name=f"cuepipe-job-{record.id}")
         record.state, record.updated = JobState.RUNNING, self.clock()
         self.journal.save(record)

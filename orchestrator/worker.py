@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import psutil
 
@@ -47,6 +47,25 @@ class WorkerState(StrEnum):
     KILLED = "killed"  # ended by stop()
 
 
+class Task(Protocol):
+    """What a Job needs from a running stage attempt: a Worker, or a job on a resident Worker."""
+
+    started_at: float
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def scan(self, every: float = 0.5) -> None: ...
+
+    def stop(self, grace: float = defaults.KILL_GRACE) -> int: ...
+
+    def cleanup(self) -> None: ...
+
+    def tail(self, lines: int = defaults.STDERR_TAIL_LINES) -> str: ...
+
+
 class Worker:
     """A stage subprocess and everything it spawns."""
 
@@ -57,18 +76,28 @@ class Worker:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         now: Callable[[], float] = time.monotonic,
+        pipes: bool = False,
     ) -> None:
         self.argv = list(argv)
+        self.pipes = pipes  # stdin/stdout as text pipes (resident workers); stderr always to the log
         self.cwd = cwd
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
         self.state = WorkerState.CREATED
         self.started_at = 0.0
         self._now = now
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[Any] | None = None
         self._log: IO[bytes] | None = None
         self._seen: dict[int, psutil.Process] = {}
         self._last_scan = 0.0
+
+    @property
+    def stdin(self) -> IO[str] | None:
+        return self._proc.stdin if self._proc and self.pipes else None
+
+    @property
+    def stdout(self) -> IO[str] | None:
+        return self._proc.stdout if self._proc and self.pipes else None
 
     @property
     def pid(self) -> int:
@@ -82,10 +111,12 @@ class Worker:
             kwargs["start_new_session"] = True
         self._log = self.log_path.open("ab")
         try:
-            self._proc = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=self._log, stderr=subprocess.STDOUT, **kwargs,
-            )
+            if self.pipes:
+                kwargs.update(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                              encoding="utf-8", bufsize=1)
+            else:
+                kwargs.update(stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, **kwargs)
         except OSError as exc:
             self._log.close()
             raise WorkerError(f"cannot start {self.argv[0]}: {exc}") from exc
@@ -186,18 +217,29 @@ class Worker:
             self.close()
 
     def close(self) -> None:
+        if self._proc is not None and self.pipes:
+            for stream in (self._proc.stdin, self._proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
         if self._log is not None and not self._log.closed:
             self._log.close()
 
-    def tail(self, lines: int = defaults.STDERR_TAIL_LINES, max_bytes: int = 16384) -> str:
+    def tail(self, lines: int = defaults.STDERR_TAIL_LINES) -> str:
         """The last lines the stage wrote to stdout/stderr."""
         try:
             with self.log_path.open("rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
-                f.seek(max(0, size - max_bytes))
+                f.seek(max(0, size - 16384))
                 data = f.read()
         except OSError:
             return ""
         text = data.decode("utf-8", errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+
+def stage_env() -> dict[str, str]:
+    """The environment stages run in: this one, unbuffered, with this cuepipe first on the path."""
+    path = os.pathsep.join(filter(None, [str(defaults.REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)

@@ -10,6 +10,7 @@ and let the orchestrator validate ``pipelines.toml`` without starting anything. 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import signal
@@ -190,8 +191,10 @@ def build_parser(name: str, params: Mapping[str, Param], doc: str | None) -> arg
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{name}", description=(doc or "").split("\n\n")[0]
     )
-    parser.add_argument("--input", required=True, type=Path, help="input video file or image folder")
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder for the outputs")
+    parser.add_argument("--input", type=Path, help="input video file or image folder (required)")
+    parser.add_argument("--output-dir", type=Path, help="folder for the outputs (required)")
+    parser.add_argument("--serve", action="store_true",
+                        help="stay resident: take jobs as JSON lines on stdin (docs/stages.md, Resident workers)")
     parser.add_argument(
         "--report", action="append", default=[], metavar="HOST:PORT", help="send OSC Events here (repeatable)"
     )
@@ -215,33 +218,37 @@ def stop_on_signals() -> None:
             signal.signal(getattr(signal, name), _interrupt)
 
 
-def stage_main(
-    name: str, params: Mapping[str, Param], run: RunFunction, argv: Sequence[str] | None = None,
-    doc: str | None = None,
-) -> int:
-    """Parse argv, run the stage, send ``done`` or ``failed``, and return the exit code."""
-    parser = build_parser(name, params, doc)
-    args = parser.parse_args(argv)
-    stop_on_signals()
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format=f"%(asctime)s {name} %(levelname)s %(message)s"
-    )
+def accepts_cache(run: RunFunction) -> bool:
+    """Whether ``run`` takes a ``cache`` dict that outlives one job (resident Workers keep models in it)."""
     try:
-        targets = [parse_address(t) for t in args.report]
-    except ValueError as exc:
-        parser.error(f"--report: {exc}")
+        return "cache" in inspect.signature(run).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def execute(
+    name: str, params: Mapping[str, Param], run: RunFunction, input: Path, output_dir: Path,
+    targets: Sequence[tuple[str, int]], raw: Mapping[str, Any], cache: dict[str, Any] | None = None,
+) -> int:
+    """Run one job of a stage: coerce parameters, run, send ``done`` or ``failed``; the exit code."""
     with EventSender(targets) as sender:
         events = StageEvents(name, sender)
+        unknown = sorted(set(raw) - set(params))
+        if unknown:
+            events.failed(ErrorKind.BAD_ARGUMENT, f"unknown parameter(s): {', '.join(unknown)}")
+            return EXIT_BAD_ARGUMENT
         kwargs: dict[str, Any] = {}
         for pname, p in params.items():
-            raw = getattr(args, pname)
+            value = raw.get(pname)
             try:
-                kwargs[pname] = p.coerce(p.default if raw is None else raw)
+                kwargs[pname] = p.coerce(p.default if value is None else value)
             except ValueError as exc:
                 events.failed(ErrorKind.BAD_ARGUMENT, f"{option(pname)}: {exc}")
                 return EXIT_BAD_ARGUMENT
+        if cache is not None and accepts_cache(run):
+            kwargs["cache"] = cache
         try:
-            result = run(input=args.input, output_dir=args.output_dir, events=events, **kwargs)
+            result = run(input=input, output_dir=output_dir, events=events, **kwargs)
         except StageError as exc:
             events.failed(exc.kind, exc.message)
             return EXIT_BAD_ARGUMENT if exc.kind is ErrorKind.BAD_ARGUMENT else EXIT_FAILED
@@ -254,3 +261,28 @@ def stage_main(
             return EXIT_FAILED
         events.done(result.outputs, result.frames)
     return EXIT_OK
+
+
+def stage_main(
+    name: str, params: Mapping[str, Param], run: RunFunction, argv: Sequence[str] | None = None,
+    doc: str | None = None,
+) -> int:
+    """Parse argv, run the stage (or serve jobs from stdin with ``--serve``), return the exit code."""
+    parser = build_parser(name, params, doc)
+    args = parser.parse_args(argv)
+    stop_on_signals()
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format=f"%(asctime)s {name} %(levelname)s %(message)s"
+    )
+    if args.serve:
+        from stages.worker import serve
+
+        return serve(name, params, run)
+    if args.input is None or args.output_dir is None:
+        parser.error("--input and --output-dir are required (unless --serve)")
+    try:
+        targets = [parse_address(t) for t in args.report]
+    except ValueError as exc:
+        parser.error(f"--report: {exc}")
+    raw = {pname: getattr(args, pname) for pname in params if getattr(args, pname) is not None}
+    return execute(name, params, run, args.input, args.output_dir, targets, raw)

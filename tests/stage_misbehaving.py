@@ -29,10 +29,14 @@ PARAMS = {
 }
 
 
-def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
+def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache: dict[str, Any] | None = None,
+        **params: Any) -> StageResult:
     mode, frames = params["mode"], params["frames"]
+    runs = 1
+    if cache is not None:  # a resident worker: what a real stage keeps here is its loaded model
+        runs = cache["runs"] = cache.get("runs", 0) + 1
     if events:
-        events.started(input=str(input), frames=frames, mode=mode)
+        events.started(input=str(input), frames=frames, mode=mode, runs_in_process=runs)
     if mode in ("hang", "hang_silent"):
         # A grandchild too, so the test can prove the whole tree dies.
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

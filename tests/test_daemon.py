@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,10 @@ stage = "misbehaving"
 [[pipelines.slow.stages]]
 stage = "misbehaving"
 params = { mode = "hang_silent" }
+[pipelines.warm]
+[[pipelines.warm.stages]]
+stage = "misbehaving"
+warm = true
 [pipelines.live]
 keep_running = true
 [[pipelines.live.stages]]
@@ -283,6 +288,26 @@ def test_keep_running_pipeline_restarts_after_a_crash(root: Path, client: Client
     client.pump(2.5)
     later = {e["job"] for e in client.events if e.spec.name == "job/queued"} - {first, second, third[0]}
     assert later == set()
+
+
+def test_warm_worker_serves_jobs_and_shows_in_heartbeat(root: Path) -> None:
+    srv = Server(root, "--warm", "misbehaving")
+    c = Client(srv.port)
+    try:
+        c.send("cmd/subscribe", tag="sub")
+        beat = c.wait("daemon/heartbeat")
+        [worker] = json.loads(beat["workers"])
+        assert (worker["stage"], worker["state"], worker["jobs"]) == ("misbehaving", "idle", 0)
+        pids = []
+        for tag in ("w1", "w2"):
+            c.send("cmd/run", tag=tag, pipeline="warm", input=str(root / "clip.txt"), priority=0, sets=[])
+            job = c.wait("reply/ack", tag=tag)["job"]
+            pids.append(c.wait("job/stage_started", job=job)["pid"])
+            c.wait("job/done", job=job)
+        assert pids == [worker["pid"], worker["pid"]]  # the pre-started process took both jobs
+    finally:
+        srv.stop()
+        c.close()
 
 
 def test_heartbeat_to_subscribers(client: Client) -> None:

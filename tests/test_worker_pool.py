@@ -1,0 +1,110 @@
+"""Resident (warm) Workers: reuse, recycling, crash replacement with backoff, cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.job import Job, JobState
+from orchestrator.pipeline import parse
+from orchestrator.worker_pool import WorkerPool
+from stages.events import Event
+
+TOML = """
+[defaults]
+stall_timeout = 0
+[pipelines.warm]
+[[pipelines.warm.stages]]
+stage = "misbehaving"
+warm = true
+[pipelines.hang]
+[[pipelines.hang.stages]]
+stage = "misbehaving"
+warm = true
+params = { mode = "hang_silent" }
+"""
+
+
+@pytest.fixture
+def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+    pipelines = parse(TOML, tmp_path / "pipelines.toml")
+    (tmp_path / "clip.txt").write_text("pretend video")
+    pool = WorkerPool(tmp_path / "workers", max_jobs=3)
+    yield tmp_path, pipelines, pool
+    pool.stop()
+
+
+def run_job(tmp_path: Path, pipeline, pool: WorkerPool, cancel: threading.Event | None = None):  # type: ignore[no-untyped-def]
+    events: list[Event] = []
+    result = Job(pipeline, tmp_path / "clip.txt", events.append, pool=pool, cancel=cancel).run()
+    started = [e for e in events if e.spec.name == "job/stage_started"]
+    return result, started, events
+
+
+def test_reuse_then_recycle_after_max_jobs(setup) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, pipelines, pool = setup
+    seen = []
+    for _ in range(4):
+        result, started, _ = run_job(tmp_path, pipelines.pipelines["warm"], pool)
+        assert result.state is JobState.DONE and Path(result.outputs[0]).read_text() == "pretend video"
+        seen.append((started[0]["pid"], json.loads(started[0]["info"])["runs_in_process"]))
+    first_pid = seen[0][0]
+    assert seen[:3] == [(first_pid, 1), (first_pid, 2), (first_pid, 3)]  # one process, model kept
+    assert seen[3][0] != first_pid and seen[3][1] == 1  # recycled after max_jobs=3
+    assert pool.started == 2
+    assert [w["state"] for w in pool.states()] == ["idle"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_crashed_worker_is_replaced_with_backoff(setup) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, pipelines, pool = setup
+    _, started, _ = run_job(tmp_path, pipelines.pipelines["warm"], pool)
+    victim = started[0]["pid"]
+    os.kill(victim, signal.SIGKILL)  # dies while idle: the next lease notices and starts another
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(victim) and psutil.Process(victim).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    result, started, _ = run_job(tmp_path, pipelines.pipelines["warm"], pool)
+    assert result.state is JobState.DONE and started[0]["pid"] != victim
+    # dying mid-job: the job fails as crashed, the crash is counted, the next worker waits a backoff
+    cancel = threading.Event()
+    job_thread_events: list[Event] = []
+    job = Job(pipelines.pipelines["hang"], tmp_path / "clip.txt", job_thread_events.append, pool=pool, cancel=cancel)
+    holder: list = []
+    t = threading.Thread(target=lambda: holder.append(job.run()))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not any(e.spec.name == "job/stage_started" for e in job_thread_events):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        pid = next(e["pid"] for e in job_thread_events if e.spec.name == "job/stage_started")
+        os.kill(pid, signal.SIGKILL)
+        t.join(timeout=20)
+    finally:
+        cancel.set()
+        t.join(timeout=20)
+    [result] = holder
+    assert result.state is JobState.FAILED and result.kind.value == "crashed"
+    assert pool.backoff("misbehaving") == 1.0
+
+
+def test_cancel_kills_the_resident_worker(setup) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, pipelines, pool = setup
+    cancel = threading.Event()
+    events: list[Event] = []
+    job = Job(pipelines.pipelines["hang"], tmp_path / "clip.txt", events.append, pool=pool, cancel=cancel)
+    threading.Timer(1.0, cancel.set).start()
+    result = job.run()
+    assert result.state is JobState.CANCELLED
+    assert pool.states() == []  # killed on purpose, not kept
+    assert pool.backoff("misbehaving") == 0.0  # and not counted as a crash
