@@ -1,0 +1,66 @@
+"""Loads cuepipe's TouchDesigner package inside TD, where the name ``td`` is TD's own module.
+
+Inside TouchDesigner ``import td.launcher`` cannot work: ``td`` is TD's built-in module. So this
+standalone file (stdlib only, no package imports) is the content of the COMP's extension Text DAT
+(its ``File`` parameter points here); it loads this repository's ``td/`` folder under another
+name, ``cuepipe_td``, and builds the extension. The COMP's Extension Object is then
+``op('./boot').module.extension(me)`` with Extension Name ``Cuepipe``.
+
+Modules inside the package import each other relatively, so they work under any package name.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+PACKAGE = "cuepipe_td"
+
+
+def load(repo: str | Path, name: str = PACKAGE, fresh: bool = True) -> ModuleType:
+    """Import ``<repo>/td`` as package ``name``; ``fresh`` drops earlier copies (picks up edits)."""
+    folder = Path(repo) / "td"
+    if fresh:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    elif name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no cuepipe td package at {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def repo_of(ownerComp: Any) -> Path:
+    """The repository: the COMP's ``Repo`` parameter, else two folders above the boot DAT's file."""
+    repo = ownerComp.par.Repo.eval() if getattr(ownerComp.par, "Repo", None) is not None else ""
+    if not repo:
+        boot = ownerComp.op("boot")
+        file = boot.par.file.eval() if boot is not None else ""
+        if not file:
+            raise ImportError("set the COMP's Repo parameter to the cuepipe folder")
+        return Path(file).resolve().parent.parent
+    return Path(repo)
+
+
+def extension(ownerComp: Any, repo: str | Path | None = None, **options: Any) -> Any:
+    """The ``CuepipeExt`` for ``ownerComp``, with TD's ``tdu.Dependency`` for its state if present."""
+    package = load(repo if repo is not None else repo_of(ownerComp))
+    module = importlib.import_module(f"{package.__name__}.extension")
+    tdu = globals().get("tdu", getattr(builtins, "tdu", None))
+    if tdu is not None and "dependency" not in options:
+        options["dependency"] = tdu.Dependency
+    return module.CuepipeExt(ownerComp, **options)

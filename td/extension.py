@@ -1,0 +1,341 @@
+"""The extension of the ``cuepipe`` COMP: its parameters in, jobs and a job table out.
+
+TD instantiates ``CuepipeExt(ownerComp)`` (through ``td/boot.py``). Every operator is reached
+through ``self.owner`` — parameters are read with ``ownerComp.par.X`` each time they are needed,
+never at import and never cached — so there are no module-level globals bound to operators, and
+tests drive the class with TD-shaped fakes. Capitalized members are the public API TD promotes:
+``Start`` / ``Cancel`` / ``Trigger`` / ``SubmitTable`` / ``RefreshPipelines`` / ``Update`` (once
+per frame) / ``ReceiveOSC`` / ``ReceiveBytes`` and the state ``Jobs``, ``Status``, ``Daemon``,
+``Progress``, ``ActiveJob``, ``LastOutput``, ``Pipelines`` (objects with ``.val``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .daemon import DaemonLink
+from .jobs import JobRow, JobTable, write_table
+from .launcher import (
+    REPO_ROOT,
+    DaemonClient,
+    LaunchError,
+    LaunchOptions,
+    PipelinesQuery,
+    ProcessJob,
+    default_python,
+    new_job_id,
+    start_job,
+)
+from .parameters import Value, assign, setup_parameters, split_sets
+
+log = logging.getLogger(__name__)
+
+CANCEL_GRACE = 15.0  # seconds after a cancel before the launcher is killed outright
+RESUBSCRIBE = 5.0  # seconds between cmd/subscribe while the daemon is not alive
+
+
+class CuepipeExt:
+    """Runs pipelines for the COMP it extends and keeps its job table; never blocks TD."""
+
+    def __init__(self, ownerComp: Any, *, now: Callable[[], float] = time.monotonic,
+                 dependency: Callable[[Any], Any] | None = None, env: Mapping[str, str] | None = None,
+                 auto_refresh: bool = True) -> None:
+        self.owner = ownerComp
+        self.env = env  # the launcher's environment; None: TD's minus PYTHONHOME/PYTHONPATH
+        self._now = now
+        self.Jobs = JobTable(now=now)
+        hooks = self.Jobs.hooks
+        hooks.job_end.append(self._job_end)
+        hooks.stage_done.append(lambda row, i, stage, outs: self._callback("onStageDone", row, i, stage, outs))
+        hooks.offline.append(self._offline)
+        hooks.online.append(self._online)
+        hooks.pipelines.append(self._pipelines_json)
+        hooks.acked.append(self._acked)
+        make = dependency or Value
+        self.Status, self.Daemon, self.Progress = make("idle"), make("unknown"), make(0.0)
+        self.ActiveJob, self.LastOutput, self.Pipelines = make(""), make(""), make([])
+        self.procs: dict[str, ProcessJob] = {}
+        self._cancelled_at: dict[str, float] = {}
+        self._client: DaemonClient | None = None
+        self._query: PipelinesQuery | None = None
+        self._submitted: set[tuple[str, str]] = set()
+        self._rendered = -1
+        self._refresh_due = auto_refresh
+        self._subscribed_at: float | None = None
+
+    # ---------------------------------------------------------------------------------- parameters
+
+    def _par(self, name: str, default: Any = None) -> Any:
+        try:
+            par = getattr(self.owner.par, name, None)
+            value = par.eval() if par is not None else None
+        except Exception:  # a missing or broken parameter means "use the default"
+            value = None
+        return default if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    def _mode(self) -> str:
+        return str(self._par("Mode", "run")).lower()
+
+    def _python(self) -> str:
+        python = str(self._par("Python", "")) or str(default_python(Path(self._par("Repo", REPO_ROOT))))
+        if "touchdesigner" in sys.executable.lower() and os.path.normcase(python) == os.path.normcase(sys.executable):
+            raise LaunchError("Python points at TouchDesigner's own interpreter; set it to the venv's python")
+        return python
+
+    def _options(self) -> LaunchOptions:
+        return LaunchOptions(python=self._python(), report_port=int(self._par("Oscinport", 7000)),
+                             pipelines=self._par("Pipelinesfile"), out=self._par("Outdir"), env=self.env)
+
+    def _daemon(self) -> DaemonClient:
+        host, port = str(self._par("Daemonhost", "127.0.0.1")), int(self._par("Daemonport", 9000))
+        reply = int(self._par("Oscinport", 7000))
+        client = self._client
+        if client is None or (client.host, client.port, client.reply_port) != (host, port, reply):
+            if client is not None:
+                client.close()
+            client = self._client = DaemonClient(host, port, reply)
+        return client
+
+    # ------------------------------------------------------------------------------------- actions
+
+    def Start(self, pipeline: str | None = None, input: str | None = None, sets: Sequence[str] | None = None,
+              *, chained: bool = False) -> str | None:
+        """Start a job (parameters fill what is not given); returns its row key at once."""
+        pipeline = pipeline or str(self._par("Pipeline", ""))
+        input = input or str(self._par("Input", ""))
+        if not pipeline or not input:
+            self._say("choose a pipeline and an input first")
+            return None
+        sets = list(sets) if sets is not None else split_sets(str(self._par("Sets", "")))
+        if self._mode() == "daemon":  # the path is the daemon's business (it may run on another machine)
+            return self._start_daemon(pipeline, input, sets, chained)
+        input = os.path.abspath(input)  # relative to TD's working folder (the project folder)
+        job = new_job_id()
+        row = self.Jobs.add(job, pipeline, input, "run")
+        row.chained = chained
+        try:
+            handle = start_job(self._options(), pipeline, input, sets, job_id=job)
+        except LaunchError as exc:
+            self.Jobs.fail(job, str(exc))
+            self._say(str(exc))
+        else:
+            row.log = str(handle.log_path)
+            self.procs[job] = handle
+            self._say(f"started {pipeline} as {job}")
+        self._render()
+        return job
+
+    def _start_daemon(self, pipeline: str, input: str, sets: list[str], chained: bool) -> str:
+        try:
+            key = self._daemon().run(pipeline, input, int(self._par("Priority", 10)), sets)
+            self.Jobs.daemon.expect_reply(key, "run")
+            error = ""
+        except (LaunchError, ValueError) as exc:
+            key, error = new_job_id(), str(exc)
+        row = self.Jobs.add(key, pipeline, input, "daemon")
+        row.chained = chained
+        if error:
+            self.Jobs.fail(key, error)
+        self._say(error or f"asked cuepipe serve to run {pipeline}")
+        self._render()
+        return key
+
+    def Cancel(self, job: str | None = None) -> bool:
+        """Cancel ``job`` (default: the newest unfinished one). False if there is nothing to cancel."""
+        row = self.Jobs.get(job) if job else next(reversed(self.Jobs.active()), None)
+        if row is None or row.final:
+            return False
+        self.Jobs.request_cancel(row.job)
+        handle = self.procs.get(row.job)
+        try:
+            if handle is not None:
+                handle.cancel()
+                self._cancelled_at[row.job] = self._now()
+            elif row.job not in self.Jobs.daemon.pending and (row.source == "daemon" or self._mode() == "daemon"):
+                self._daemon().cancel(row.job)  # a job still waiting for its ack is cancelled on the ack
+        except (LaunchError, OSError) as exc:
+            self._say(f"cannot cancel {row.job}: {exc}")
+        self._render()
+        return True
+
+    def Trigger(self, name: str = "") -> str | None:
+        """From a CHOP: a channel named ``cancel`` cancels; one named after a pipeline runs it."""
+        if name.lower() == "cancel":
+            self.Cancel()
+            return None
+        return self.Start(pipeline=name if name in self.Pipelines.val else None)
+
+    def SubmitTable(self, dat: Any) -> list[str]:
+        """Start a job for each row not seen before (header: ``input`` or ``path``, optional ``pipeline``)."""
+        if dat.numRows < 1:
+            return []
+        columns = {str(dat[0, c].val).strip().lower(): c for c in range(dat.numCols)}
+        source = columns.get("input", columns.get("path"))
+        if source is None:
+            self._say(f"table {getattr(dat, 'path', dat)} has no 'input' or 'path' column")
+            return []
+        started = []
+        for r in range(1, dat.numRows):
+            input = str(dat[r, source].val).strip()
+            pipeline = str(dat[r, columns["pipeline"]].val).strip() if "pipeline" in columns else ""
+            if not input or (pipeline, input) in self._submitted:
+                continue
+            self._submitted.add((pipeline, input))
+            job = self.Start(pipeline=pipeline or None, input=input)
+            if job:
+                started.append(job)
+        return started
+
+    def RefreshPipelines(self) -> None:
+        """Fill the ``Pipeline`` menu: ``cuepipe pipelines --json`` (run mode) or ``cmd/list`` (daemon)."""
+        try:
+            if self._mode() == "daemon":
+                self.Jobs.daemon.expect_reply(self._daemon().list(), "list")
+                return
+            if self._query is not None:
+                self._query.close()
+            self._query = PipelinesQuery(self._python(), self._par("Pipelinesfile"), env=self.env)
+        except LaunchError as exc:
+            self._say(str(exc))
+
+    def Clear(self) -> None:
+        self.Jobs.clear_finished()
+        self._render()
+
+    def OnPulse(self, par: Any) -> None:
+        """For a Parameter Execute DAT's ``onPulse(par)``."""
+        actions: dict[str, Callable[[], Any]] = {"Start": self.Start, "Cancel": self.Cancel,
+                                                 "Refresh": self.RefreshPipelines, "Clear": self.Clear}
+        action = actions.get(getattr(par, "name", ""))
+        if action is not None:
+            action()
+
+    # ----------------------------------------------------------------------------------- receiving
+
+    def ReceiveOSC(self, address: Any, args: Any, peer: Any = None) -> bool:
+        return self.Jobs.receive(address, args)
+
+    def ReceiveBytes(self, data: Any, peer: Any = None) -> int:
+        return self.Jobs.receive_bytes(data)
+
+    def Update(self) -> None:
+        """Once per frame: collect exit codes, keep the daemon subscription, apply timeouts, redraw."""
+        now = self._now()
+        if self._refresh_due:
+            self._refresh_due = False
+            self.RefreshPipelines()
+        for job, handle in list(self.procs.items()):
+            code = handle.poll()
+            if code is not None:
+                self.Jobs.process_exited(job, code)
+                del self.procs[job]
+                self._cancelled_at.pop(job, None)
+            elif job in self._cancelled_at and now - self._cancelled_at[job] > CANCEL_GRACE:
+                log.warning("%s ignored its cancel for %.0f s; killing it", job, CANCEL_GRACE)
+                handle.kill_tree()
+                del self._cancelled_at[job]
+        self.Jobs.daemon.offline_after = int(self._par("Heartbeats", self.Jobs.daemon.offline_after))
+        self.Jobs.tick()
+        if self._mode() == "daemon" and self.Jobs.daemon.state != "alive" and (
+                self._subscribed_at is None or now - self._subscribed_at >= RESUBSCRIBE):
+            self._subscribed_at = now
+            try:
+                self.Jobs.daemon.expect_reply(self._daemon().subscribe(), "subscribe")
+            except LaunchError as exc:
+                self._say(str(exc))
+        if self._query is not None and self._query.poll():
+            if self._query.result is not None:
+                self._set_pipelines(self._query.result)
+            else:
+                self._say(self._query.error)
+            self._query = None
+        self._render()
+
+    def Close(self, cancel: bool = False) -> None:
+        """Release sockets and helpers; running jobs go on (``cancel=True`` cancels them)."""
+        if cancel:
+            for handle in self.procs.values():
+                handle.cancel()
+        if self._query is not None:
+            self._query.close()
+            self._query = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def onDestroyTD(self) -> None:  # TD calls this when the extension is re-initialized
+        self.Close()
+
+    # ------------------------------------------------------------------------------- hooks / view
+
+    def _job_end(self, row: JobRow) -> None:
+        if row.state == "done" and row.source != "seen" and row.output:
+            assign(self.LastOutput, row.output)
+            movie = self._par("Movieout")
+            if movie is not None:
+                movie.par.file = row.output
+            following = str(self._par("Nextpipeline", ""))
+            if following and not row.chained and row.pipeline != following:
+                self.Start(pipeline=following, input=row.output, sets=(), chained=True)
+        self._callback({"done": "onJobDone", "cancelled": "onJobCancelled"}.get(row.state, "onJobFailed"), row)
+
+    def _acked(self, row: JobRow) -> None:
+        if row.cancel_requested:
+            self._daemon().cancel(row.job)
+
+    def _offline(self, daemon: DaemonLink) -> None:
+        self._say("cuepipe serve is offline")
+        self._callback("onDaemonOffline", daemon)
+
+    def _online(self, daemon: DaemonLink) -> None:
+        self.Jobs.daemon.expect_reply(self._daemon().status(""), "status")  # resync what happened meanwhile
+        self._callback("onDaemonOnline", daemon)
+
+    def _pipelines_json(self, text: str) -> None:
+        data = json.loads(text)
+        self._set_pipelines(data if isinstance(data, dict) else {"pipelines": data})
+
+    def _set_pipelines(self, data: Mapping[str, Any]) -> None:
+        items = [p for p in data.get("pipelines", []) if isinstance(p, dict) and p.get("name")]
+        names = [str(p["name"]) for p in items]
+        labels = [f"{p['name']} ({' > '.join(str(s.get('stage')) for s in p.get('stages', []))})" for p in items]
+        assign(self.Pipelines, names)
+        for menu in ("Pipeline", "Nextpipeline"):
+            par = getattr(self.owner.par, menu, None)
+            if par is not None:
+                par.menuNames, par.menuLabels = names, labels
+        self._say(f"{len(names)} pipeline(s)")
+
+    def _callback(self, name: str, *args: Any) -> None:
+        dat = self._par("Callbacks")
+        function = getattr(getattr(dat, "module", None), name, None) if dat is not None else None
+        if callable(function):
+            function(self, *args)
+
+    def _say(self, text: str) -> None:
+        assign(self.Status, text)
+        log.info("cuepipe: %s", text)
+
+    def _render(self) -> None:
+        if self.Jobs.version == self._rendered:
+            return
+        self._rendered = self.Jobs.version
+        assign(self.Daemon, self.Jobs.daemon.state)
+        active = self.Jobs.active()
+        latest = active[-1] if active else next(reversed(self.Jobs.rows.values()), None)
+        assign(self.ActiveJob, latest.job if latest else "")
+        assign(self.Progress, latest.progress if latest else 0.0)
+        dat = self._par("Jobtable") or self.owner.op("jobs")
+        if dat is not None:
+            write_table(dat, self.Jobs.table())
+
+    def SetupParameters(self) -> None:
+        """Create the custom page ``Cuepipe`` (run once from the textport; existing parameters stay)."""
+        setup_parameters(self.owner)

@@ -1,0 +1,293 @@
+"""Starting cuepipe from TouchDesigner without ever blocking TD's main thread.
+
+The successor of the copied ``td_utils.py``. Two ways to run a job, both returning at once:
+
+- ``start_job`` starts ``cuepipe run`` (``python -m orchestrator.cli``) with the venv's interpreter
+  — never TD's own ``sys.executable`` — and ``--report 127.0.0.1:<OSC In port> --job-id <id>``, so
+  TD knows the job id before the first Event. The handle is polled from a frame callback.
+- ``DaemonClient`` sends Commands (``/cuepipe/v1/cmd/run`` ...) to ``cuepipe serve``; the replies
+  arrive on TD's OSC In DAT like every Event.
+
+Everywhere: argv lists (never a shell string), stdin DEVNULL, output to a log file (never a pipe
+nobody reads), no ``wait()``, no ``sleep``, no blocking socket reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IS_WINDOWS = sys.platform == "win32"
+#: Inherited variables that would make the venv's python load TD's own standard library.
+_TD_PYTHON_VARS = ("PYTHONHOME", "PYTHONPATH")
+
+
+class LaunchError(RuntimeError):
+    """A job could not be started (interpreter missing, log folder unwritable, daemon unreachable)."""
+
+
+def default_python(root: Path = REPO_ROOT, windows: bool = IS_WINDOWS) -> Path:
+    """The interpreter of the ``.venv`` in the repository: the one with cuepipe installed."""
+    return root / ".venv" / ("Scripts/python.exe" if windows else "bin/python")
+
+
+def new_job_id(now: Callable[[], datetime] = datetime.now) -> str:
+    """A job id in the launcher's own format, ``YYYYMMDD-HHMMSS-xxxx``."""
+    return f"{now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for cuepipe: TD's, minus what points Python at TD's own libraries."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _TD_PYTHON_VARS}
+    env["PYTHONUNBUFFERED"] = "1"  # the log file shows Events as they happen
+    return env
+
+
+def _spawn_flags() -> dict[str, Any]:
+    if IS_WINDOWS:  # no console window pops up; CTRL_BREAK_EVENT can target the group
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
+        return {"creationflags": flags}
+    return {"start_new_session": True}  # TD's terminal signals do not reach the launcher
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Everything ``start_job`` needs besides the pipeline and input. ``env`` None: ``child_env()``."""
+
+    python: str | os.PathLike[str]
+    report_port: int
+    report_host: str = "127.0.0.1"
+    pipelines: str | os.PathLike[str] | None = None
+    out: str | os.PathLike[str] | None = None
+    cwd: str | os.PathLike[str] | None = None
+    env: Mapping[str, str] | None = None
+    log_dir: str | os.PathLike[str] | None = None  # None: <temp>/cuepipe-td
+    reports: tuple[str, ...] = ()  # more HOST:PORT report addresses
+
+
+def build_command(options: LaunchOptions, pipeline: str, input: str, job_id: str,
+                  sets: Sequence[str] = ()) -> list[str]:
+    """The argv of ``cuepipe run`` (as ``python -m orchestrator.cli``, so only the venv is needed)."""
+    cmd = [os.fspath(options.python), "-m", "orchestrator.cli"]
+    if options.pipelines:
+        cmd += ["--pipelines", os.fspath(options.pipelines)]
+    cmd += ["run", pipeline, input, "--report", f"{options.report_host}:{options.report_port}",
+            "--job-id", job_id, "--json"]
+    for address in options.reports:
+        cmd += ["--report", address]
+    for item in sets:
+        cmd += ["--set", item]
+    if options.out:
+        cmd += ["--out", os.fspath(options.out)]
+    return cmd
+
+
+class ProcessJob:
+    """A running ``cuepipe run``: ``poll()`` it from a frame callback, ``cancel()`` it; never wait."""
+
+    def __init__(self, job_id: str, pipeline: str, input: str, process: subprocess.Popen[bytes],
+                 command: list[str], log_path: Path) -> None:
+        self.job_id, self.pipeline, self.input = job_id, pipeline, input
+        self.process, self.command, self.log_path = process, command, log_path
+        self.cancel_sent = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs (non-blocking)."""
+        return self.process.poll()
+
+    def cancel(self) -> bool:
+        """Ask the launcher to stop: SIGINT (POSIX) / CTRL_BREAK (Windows). It kills the stage tree
+        and sends ``job/cancelled`` itself. False if it had already exited."""
+        if self.process.poll() is not None:
+            return False
+        self.cancel_sent = True
+        try:
+            self.process.send_signal(signal.CTRL_BREAK_EVENT if IS_WINDOWS else signal.SIGINT)  # type: ignore[attr-defined]
+            return True
+        except OSError as exc:
+            if not IS_WINDOWS:
+                raise
+            # A GUI process such as TD may share no console with the child: then kill the tree.
+            log.warning("CTRL_BREAK to %s failed (%s); killing its process tree", self.pid, exc)
+            self.kill_tree()
+            return True
+
+    def kill_tree(self) -> None:
+        """Last resort: kill the launcher (and on Windows its whole tree); no Event is sent then."""
+        if self.process.poll() is not None:
+            return
+        if IS_WINDOWS:
+            subprocess.Popen(["taskkill", "/T", "/F", "/PID", str(self.pid)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **_spawn_flags())
+        else:
+            self.process.kill()
+
+
+def start_job(options: LaunchOptions, pipeline: str, input: str, sets: Sequence[str] = (),
+              job_id: str | None = None) -> ProcessJob:
+    """Start ``cuepipe run`` and return at once. Raises LaunchError if it cannot even start."""
+    job_id = job_id or new_job_id()
+    command = build_command(options, pipeline, input, job_id, sets)
+    folder = Path(options.log_dir) if options.log_dir else Path(tempfile.gettempdir()) / "cuepipe-td"
+    log_path = folder / f"{job_id}.log"
+    env = child_env() if options.env is None else dict(options.env)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log_file:  # the child keeps its own handle; ours closes here
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, cwd=options.cwd, env=env, close_fds=True,
+                                       **_spawn_flags())
+    except OSError as exc:
+        raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
+    log.info("started %s (pid %s), log %s", job_id, process.pid, log_path)
+    return ProcessJob(job_id, pipeline, input, process, command, log_path)
+
+
+class DaemonClient:
+    """Sends Commands to ``cuepipe serve`` over UDP; replies go to ``reply_port`` (TD's OSC In DAT).
+
+    Every method returns the Command's tag at once; the matching ``reply/...`` arrives later through
+    the OSC In DAT. Use an IP address for ``host``: it is resolved once, here.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 9000, reply_port: int = 7000) -> None:
+        self.address: Any
+        try:
+            family, _, _, _, self.address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        except (OSError, UnicodeError) as exc:
+            raise LaunchError(f"cannot resolve daemon address {host}:{port}: {exc}") from exc
+        self.host, self.port, self.reply_port = host, port, reply_port
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self._tags = itertools.count(1)
+        self._prefix = f"td{secrets.token_hex(2)}-"
+
+    def send(self, spec: protocol.Spec, **fields: Any) -> str:
+        """Send one Command; returns its tag. Raises LaunchError when the datagram cannot be sent."""
+        tag = f"{self._prefix}{next(self._tags)}"
+        data = protocol.encode(spec, tag=tag, reply_port=self.reply_port, **fields)
+        try:
+            self.sock.sendto(data, self.address)
+        except OSError as exc:
+            raise LaunchError(f"cannot send {spec.name} to {self.host}:{self.port}: {exc}") from exc
+        return tag
+
+    def run(self, pipeline: str, input: str, priority: int = 10, sets: Sequence[str] = ()) -> str:
+        return self.send(protocol.CMD_RUN, pipeline=pipeline, input=input, priority=priority, sets=tuple(sets))
+
+    def cancel(self, job: str) -> str:
+        return self.send(protocol.CMD_CANCEL, job=job)
+
+    def status(self, job: str = "") -> str:
+        return self.send(protocol.CMD_STATUS, job=job)
+
+    def list(self) -> str:
+        return self.send(protocol.CMD_LIST)
+
+    def ping(self) -> str:
+        return self.send(protocol.CMD_PING)
+
+    def subscribe(self) -> str:
+        return self.send(protocol.CMD_SUBSCRIBE)
+
+    def unsubscribe(self) -> str:
+        return self.send(protocol.CMD_UNSUBSCRIBE)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _temp_path(suffix: str) -> Path:
+    handle, name = tempfile.mkstemp(prefix="cuepipe-pipelines-", suffix=suffix)
+    os.close(handle)
+    return Path(name)
+
+
+class PipelinesQuery:
+    """``cuepipe pipelines --json`` in the background, for the pipeline menu; ``poll()`` per frame."""
+
+    def __init__(self, python: str | os.PathLike[str], pipelines: str | os.PathLike[str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.command = [os.fspath(python), "-m", "orchestrator.cli"]
+        if pipelines:
+            self.command += ["--pipelines", os.fspath(pipelines)]
+        self.command += ["pipelines", "--json"]
+        self.result: dict[str, Any] | None = None
+        self.error = ""
+        self.done = False
+        self._files = [_temp_path(suffix) for suffix in (".json", ".log")]
+        try:
+            with open(self._files[0], "wb") as out, open(self._files[1], "wb") as err:  # the child has its own
+                self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                                cwd=cwd, close_fds=True,
+                                                env=child_env() if env is None else dict(env), **_spawn_flags())
+        except OSError as exc:
+            self._remove()
+            raise LaunchError(f"cannot start {self.command[0]!r}: {exc}") from exc
+
+    def _read(self, index: int) -> str:
+        try:
+            return self._files[index].read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            return str(exc)
+
+    def _remove(self) -> None:
+        for path in self._files:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # Windows: a just-killed child may hold it for a moment
+                log.debug("could not remove %s", path)
+
+    def poll(self) -> bool:
+        """True once finished: then ``result`` holds the JSON, or ``error`` says what went wrong."""
+        if self.done:
+            return True
+        code = self.process.poll()
+        if code is None:
+            return False
+        self.done = True
+        text, errors = self._read(0), self._read(1)
+        self._remove()
+        try:
+            if code != 0:
+                raise ValueError(f"exit {code}")
+            result = json.loads(text)
+            if not isinstance(result, dict) or not isinstance(result.get("pipelines"), list):
+                raise ValueError("no 'pipelines' list")
+            self.result = result
+        except ValueError as exc:
+            self.error = f"cuepipe pipelines failed ({exc}): {(errors or text).strip()[-500:]}"
+            log.warning("%s", self.error)
+        return True
+
+    def names(self) -> list[str]:
+        return [str(p.get("name", "")) for p in (self.result or {}).get("pipelines", [])]
+
+    def close(self) -> None:
+        """Stop it if it still runs (no waiting: the exit is collected by the OS / a later poll)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.done = True
+        self._remove()
