@@ -7,8 +7,10 @@ pipelines file, unknown pipeline, bad ``--set``, missing input or model); 130 ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -71,6 +73,23 @@ def cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def cancel_on_eof(cancel: threading.Event) -> None:
+    """Set ``cancel`` when standard input closes: how TouchDesigner (or any parent) cancels a run on
+    Windows, where a GUI process cannot send CTRL_BREAK. A parent that dies closes it too, so an
+    orphaned job stops instead of running on. The thread ends with the process (it only reads)."""
+
+    def wait_for_eof() -> None:
+        # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the buffered reader
+        # holds its lock, and CPython aborts (SIGABRT) when it finds that lock held at shutdown.
+        with contextlib.suppress(OSError, ValueError):
+            fd = sys.stdin.fileno()
+            while os.read(fd, 4096):
+                pass
+        cancel.set()
+
+    threading.Thread(target=wait_for_eof, name="cuepipe-cancel-on-eof", daemon=True).start()
+
+
 def run_job(
     pipelines: PipelineFile | None,
     name: str,
@@ -83,6 +102,7 @@ def run_job(
     config_error: ConfigError | None = None,
     extra_sink: Callable[[Event], None] | None = None,
     job_id: str | None = None,
+    eof_cancels: bool = False,
 ) -> tuple[int, JobResult | None]:
     """Run one Job with Events to ``reports`` and the terminal; returns (exit code, result)."""
     pipeline: Pipeline | None = None
@@ -115,6 +135,8 @@ def run_job(
                                     "kind": kind.value, "message": message}))
             return EXIT_USAGE, None
         cancel = threading.Event()
+        if eof_cancels:
+            cancel_on_eof(cancel)
         job = Job(pipeline, input, sink, out_dir=out, job_id=job_id, cancel=cancel, keep_work=keep_work)
         with cancel_on_signals(cancel):
             result = job.run()
@@ -137,7 +159,7 @@ def load_pipelines(path: Path | None) -> tuple[PipelineFile | None, ConfigError 
 def cmd_run(args: argparse.Namespace) -> int:
     pipelines, error = load_pipelines(args.pipelines)
     code, result = run_job(pipelines, args.pipeline, Path(args.input), args.report, args.set, args.out,
-                           args.json, args.keep_work, error, job_id=args.job_id)
+                           args.json, args.keep_work, error, job_id=args.job_id, eof_cancels=args.cancel_on_eof)
     if result is not None and result.state is JobState.DONE and not args.json:
         for path in result.outputs:
             print(path)
@@ -263,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     run.add_argument("--job-id", type=_job_id, help="use this job id (default: YYYYMMDD-HHMMSS-xxxx), so a "
                      "caller such as TouchDesigner knows it before the first Event")
+    run.add_argument("--cancel-on-eof", action="store_true",
+                     help="cancel when standard input closes (how TouchDesigner cancels on Windows; a dying "
+                     "parent closes it too)")
     run.set_defaults(func=cmd_run)
 
     pls = sub.add_parser("pipelines", help="list pipelines and their stages")

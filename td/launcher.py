@@ -8,8 +8,11 @@ The successor of the copied ``td_utils.py``. Two ways to run a job, both returni
 - ``DaemonClient`` sends Commands (``/cuepipe/v1/cmd/run`` ...) to ``cuepipe serve``; the replies
   arrive on TD's OSC In DAT like every Event.
 
-Everywhere: argv lists (never a shell string), stdin DEVNULL, output to a log file (never a pipe
-nobody reads), no ``wait()``, no ``sleep``, no blocking socket reads.
+Everywhere: argv lists (never a shell string), output to a log file (never a pipe nobody reads),
+no ``wait()``, no ``sleep``, no blocking socket reads. ``cuepipe run`` gets a stdin pipe that TD
+never writes: closing it is the cancel (``--cancel-on-eof``) — it works on Windows, where TD (a GUI
+process without a console) cannot send CTRL_BREAK, and if TD itself dies the pipe closes and the
+job is cancelled instead of running on as an orphan.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -90,7 +92,7 @@ def build_command(options: LaunchOptions, pipeline: str, input: str, job_id: str
     if options.pipelines:
         cmd += ["--pipelines", os.fspath(options.pipelines)]
     cmd += ["run", pipeline, input, "--report", f"{options.report_host}:{options.report_port}",
-            "--job-id", job_id, "--json"]
+            "--job-id", job_id, "--json", "--cancel-on-eof"]
     for address in options.reports:
         cmd += ["--report", address]
     for item in sets:
@@ -118,21 +120,19 @@ class ProcessJob:
         return self.process.poll()
 
     def cancel(self) -> bool:
-        """Ask the launcher to stop: SIGINT (POSIX) / CTRL_BREAK (Windows). It kills the stage tree
-        and sends ``job/cancelled`` itself. False if it had already exited."""
+        """Ask the launcher to stop by closing its stdin: it kills the stage tree and sends
+        ``job/cancelled`` itself. False if it had already exited."""
         if self.process.poll() is not None:
             return False
         self.cancel_sent = True
         try:
-            self.process.send_signal(signal.CTRL_BREAK_EVENT if IS_WINDOWS else signal.SIGINT)  # type: ignore[attr-defined]
-            return True
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+                return True
         except OSError as exc:
-            if not IS_WINDOWS:
-                raise
-            # A GUI process such as TD may share no console with the child: then kill the tree.
-            log.warning("CTRL_BREAK to %s failed (%s); killing its process tree", self.pid, exc)
-            self.kill_tree()
-            return True
+            log.warning("closing the stdin of %s failed (%s); killing its process tree", self.pid, exc)
+        self.kill_tree()
+        return True
 
     def kill_tree(self) -> None:
         """Last resort: kill the launcher (and on Windows its whole tree); no Event is sent then."""
@@ -156,7 +156,7 @@ def start_job(options: LaunchOptions, pipeline: str, input: str, sets: Sequence[
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:  # the child keeps its own handle; ours closes here
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log_file,
                                        stderr=subprocess.STDOUT, cwd=options.cwd, env=env, close_fds=True,
                                        **_spawn_flags())
     except OSError as exc:

@@ -212,6 +212,30 @@ def test_caller_chosen_job_id(workspace: Path, fake_td: FakeTD) -> None:
     assert bad.returncode == 2 and "job ids are" in bad.stderr
 
 
+def test_cancel_by_closing_stdin(workspace: Path, fake_td: FakeTD) -> None:
+    """The Windows-safe cancel TouchDesigner uses: close the pipe (a dying parent does the same)."""
+    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
+           "slow", "clip.txt", "--report", fake_td.address, "--cancel-on-eof", "--set",
+           f"0.pidfile={workspace / 'pids.txt'}"]
+    launcher = subprocess.Popen(cmd, cwd=workspace, env=subprocess_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fake_td.wait_for("job/stage_started")
+        deadline = time.monotonic() + 10
+        while not (workspace / "pids.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pids = _tree_pids(workspace)
+        assert launcher.stdin is not None
+        launcher.stdin.close()
+        assert launcher.wait(timeout=20) == 130
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert fake_td.wait_for("job/cancelled")["stage"] == "misbehaving"
+    _assert_dead(pids)
+
+
 def test_missing_input(workspace: Path, fake_td: FakeTD) -> None:
     proc = cuepipe(workspace, fake_td, "two", "nope.mp4")
     assert proc.returncode == 2

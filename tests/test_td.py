@@ -253,7 +253,8 @@ def test_launcher_returns_at_once_and_never_uses_a_shell(port: TDPort, workspace
         assert args[args.index("--report") + 1] == f"127.0.0.1:{port.port}"
         assert args[args.index("--job-id") + 1] == handle.job_id
         assert args[-2:] == ["--set", "0.frames=2"]
-        assert handle.process.stdin is None and handle.process.stdout is None and handle.process.stderr is None
+        # stdin is the cancel pipe (--cancel-on-eof), never written; output goes to a log file, not a pipe
+        assert handle.process.stdin is not None and handle.process.stdout is None and handle.process.stderr is None
         assert handle.log_path.parent == tmp_path / "logs"
         port.pump([], until=lambda: any(b"job/stage_started" in d for d in port.received))
     finally:
