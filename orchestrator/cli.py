@@ -156,6 +156,14 @@ def load_pipelines(path: Path | None) -> tuple[PipelineFile | None, ConfigError 
         return None, exc
 
 
+def load_or_report(path: Path | None) -> PipelineFile | None:
+    """The pipelines file, or None after printing why it cannot be used (commands then exit 2)."""
+    pipelines, error = load_pipelines(path)
+    if pipelines is None:
+        print(f"error: {error}", file=sys.stderr)
+    return pipelines
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     pipelines, error = load_pipelines(args.pipelines)
     code, result = run_job(pipelines, args.pipeline, Path(args.input), args.report, args.set, args.out,
@@ -167,9 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
-    pipelines, error = load_pipelines(args.pipelines)
-    if error or pipelines is None:
-        print(f"error: {error}", file=sys.stderr)
+    pipelines = load_or_report(args.pipelines)
+    if pipelines is None:
         return EXIT_USAGE
     if args.json:
         print(json.dumps(describe(pipelines), indent=2))
@@ -181,9 +188,8 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    pipelines, error = load_pipelines(args.pipelines)
-    if error or pipelines is None:
-        print(f"error: {error}", file=sys.stderr)
+    pipelines = load_or_report(args.pipelines)
+    if pipelines is None:
         return EXIT_USAGE
     problems: list[str] = []
     for p in pipelines.pipelines.values():
@@ -216,9 +222,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from orchestrator.daemon import Daemon, DaemonConfig, DaemonError
     from orchestrator.scheduler import RestartPolicy
 
-    pipelines, error = load_pipelines(args.pipelines)
-    if error or pipelines is None:
-        print(f"error: {error}", file=sys.stderr)
+    pipelines = load_or_report(args.pipelines)
+    if pipelines is None:
         return EXIT_USAGE
     config = DaemonConfig(host=args.host, port=args.port, allow=tuple(args.allow),
                           roots=tuple(Path(r).resolve() for r in args.root), state_dir=args.state,
