@@ -19,7 +19,7 @@ STDERR_TAIL_LINES = 20  # lines of a failed stage's log carried in its failed Ev
 RECEIVE_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF for Event sockets: the default loses bursts
 MAX_DATAGRAM = 65536
 
-DEMO_PIPELINE = "prep"  # the embedded default main job (`cuepipe demo`)
+DEMO_PIPELINE = "matte"  # the embedded default main job (`cuepipe demo`)
 DEMO_MODEL = "rvm_mobilenetv3_fp32"
 
 # cuepipe serve

@@ -31,6 +31,28 @@ def _summary(event: Event) -> str:
     return f"{event.spec.name:<18} {shown}"
 
 
+def alpha_iou(alpha: Path, mask: Path) -> tuple[float, float, int]:
+    """(mean, minimum, frames) IoU of ``alpha > 127`` against ``mask > 127``, frame by frame."""
+    import cv2
+    import numpy as np
+
+    a, m = cv2.VideoCapture(str(alpha)), cv2.VideoCapture(str(mask))
+    scores = []
+    try:
+        while True:
+            ok_a, fa = a.read()
+            ok_m, fm = m.read()
+            if not (ok_a and ok_m):
+                break
+            pa, pm = fa[..., 0] > 127, fm[..., 0] > 127
+            union = np.logical_or(pa, pm).sum()
+            scores.append(float(np.logical_and(pa, pm).sum() / union) if union else 1.0)
+    finally:
+        a.release()
+        m.release()
+    return (sum(scores) / len(scores), min(scores), len(scores)) if scores else (0.0, 0.0, 0)
+
+
 def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = False,
          pipeline: str | None = None) -> int:
     from models import ModelError
@@ -68,4 +90,8 @@ def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = 
         print("\noutputs:")
         for path in result.outputs:
             print(f"  {path}")
+        alphas = [p for p in result.outputs if p.name.endswith("_alpha.mp4")]
+        if alphas:
+            mean, worst, frames = alpha_iou(alphas[0], mask)
+            print(f"\nalpha vs ground truth: IoU mean {mean:.3f}, worst frame {worst:.3f} ({frames} frames)")
     return code

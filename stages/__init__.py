@@ -14,6 +14,7 @@ from types import ModuleType
 
 BUILTIN: Mapping[str, str] = {
     "preprocess": "stages.preprocess",
+    "matting": "stages.matting",
 }
 
 

@@ -21,6 +21,14 @@ Geometry: ``rotate`` (clockwise) comes first, then the resize to ``width`` x ``h
 ``pad`` (default) letterboxes with ``pad_color`` (centred). Giving only one of width / height keeps
 the aspect ratio (the other is rounded to an even number) and makes ``fit`` irrelevant.
 
+Audio: the source's first audio stream, from the first kept frame's time (``start / source_fps``)
+for the output's duration (``n / fps``: the trimmed range's ``M / source_fps`` within half an output
+frame, since resampling the frame rate keeps the duration), is muxed into the intermediate as
+16-bit PCM (AAC in ``.mp4``) in the same ffmpeg process, padded with silence if the source's audio
+is shorter. So it stays aligned and ends with the last frame, and later stages can carry it on as
+it is (``stages.video.AudioSource(preprocessed.mkv)``). When the source's frame count is unknown the
+audio runs to its end. Image folders and silent clips have none.
+
 Codec: ``utvideo`` (default) is lossless RGB, so later stages see exactly these pixels (quality
 loss between stages: none), and it decodes at ~185 fps at 720p on 2 cores, so reading the
 intermediate never competes with inference. The cost is disk space: ~1.6 MB per 720p frame, about
@@ -43,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
-from stages.stage import Param, StageError, StageEvents, StageResult, option, stage_main
+from stages.stage import Param, StageError, StageEvents, StageResult, bad_argument, coerce_all, option, stage_main
 
 if TYPE_CHECKING:  # numpy, OpenCV and stages.video are imported in run(): reading PARAMS stays cheap
     import numpy as np
@@ -52,7 +60,7 @@ log = logging.getLogger(__name__)
 
 NAME = "preprocess"
 OUTPUT_STEM = "preprocessed"
-CODECS = ("utvideo", "ffv1", "h264")  # the values of stages.video.Codec (checked by a test)
+CODECS = ("utvideo", "ffv1", "h264")  # the intermediate ones of stages.video.Codec (checked by a test)
 
 
 class Fit(StrEnum):
@@ -82,15 +90,11 @@ _ROTATE = {90: "ROTATE_90_CLOCKWISE", 180: "ROTATE_180", 270: "ROTATE_90_COUNTER
 _HALF = Fraction(1, 2)
 
 
-def _bad(name: str, message: str) -> StageError:
-    return StageError(ErrorKind.BAD_ARGUMENT, f"{option(name)}: {message}")
-
-
-def parse_color(text: str) -> tuple[int, int, int]:
-    """``"#rrggbb"`` -> a BGR tuple; raises BAD_ARGUMENT for anything else."""
+def parse_color(text: str, name: str = "pad_color") -> tuple[int, int, int]:
+    """``"#rrggbb"`` -> a BGR tuple; raises BAD_ARGUMENT naming parameter ``name`` for anything else."""
     m = re.fullmatch(r"#?([0-9a-fA-F]{2})([0-9a-fA-F]{2})([0-9a-fA-F]{2})", text.strip())
     if not m:
-        raise _bad("pad_color", f"expected a colour like #1a2b3c, got {text!r}")
+        raise bad_argument(name, f"expected a colour like #1a2b3c, got {text!r}")
     r, g, b = (int(x, 16) for x in m.groups())
     return b, g, r
 
@@ -160,22 +164,14 @@ def _round_half_up(x: Fraction) -> int:
 
 def _coerce(params: dict[str, Any]) -> dict[str, Any]:
     """Validate keyword parameters exactly as argv values are validated (run() is called directly too)."""
-    unknown = sorted(set(params) - set(PARAMS))
-    if unknown:
-        raise StageError(ErrorKind.BAD_ARGUMENT, f"unknown parameter(s) for {NAME}: {', '.join(unknown)}")
-    out: dict[str, Any] = {}
-    for name, p in PARAMS.items():
-        try:
-            out[name] = p.coerce(params.get(name, p.default))
-        except ValueError as exc:
-            raise _bad(name, str(exc)) from None
+    out = coerce_all(NAME, PARAMS, params)
     for name in ("fps", "image_fps"):
         if out[name] is not None and not out[name] > 0:
-            raise _bad(name, f"must be > 0, got {out[name]!r}")
+            raise bad_argument(name, f"must be > 0, got {out[name]!r}")
     for end in ("start", "end"):
         frame, seconds = f"{end}_frame", f"{end}_seconds"
         if out[frame] is not None and out[seconds] is not None:
-            raise _bad(frame, f"give {option(frame)} or {option(seconds)}, not both")
+            raise bad_argument(frame, f"give {option(frame)} or {option(seconds)}, not both")
     return out
 
 
@@ -196,7 +192,7 @@ def _trim(opts: dict[str, Any], src_fps: Fraction) -> tuple[int, int | None]:
 
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
     """Preprocess ``input`` into ``output_dir/preprocessed.<mkv|mp4>``; see the module docstring."""
-    from stages.video import Codec, VideoReader, VideoWriter, fps_fraction
+    from stages.video import AudioSource, Codec, VideoReader, VideoWriter, fps_fraction
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -212,7 +208,11 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
                                  Fit(opts["fit"]), pad_bgr)
         ends = [x for x in (stop, reader.frame_count) if x is not None and x >= 0]  # count: -1 unknown
         expected = max(0, _round_half_up((min(ends) - start) * ratio)) if ends else -1
-        with VideoWriter(output, *geometry.size, fps=out_fps, codec=codec) as writer:
+        audio = None  # the trimmed range's audio, if any (an empty range fails below, for want of frames)
+        if not reader.is_image_folder and expected != 0:
+            duration = float(expected / out_fps) if expected > 0 else None  # as long as the output video
+            audio = AudioSource(input, start=float(start / src_fps), duration=duration)
+        with VideoWriter(output, *geometry.size, fps=out_fps, codec=codec, audio=audio) as writer:
             events.started(input=str(input), width=geometry.size[0], height=geometry.size[1],
                            fps=float(out_fps), frames=expected, source_width=reader.width,
                            source_height=reader.height, source_fps=float(src_fps), codec=codec.value)

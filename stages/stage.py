@@ -218,6 +218,30 @@ def stop_on_signals() -> None:
             signal.signal(getattr(signal, name), _interrupt)
 
 
+def bad_argument(name: str, message: str) -> StageError:
+    """A BAD_ARGUMENT error naming the parameter's option (``--trim-start: must be >= 0``)."""
+    return StageError(ErrorKind.BAD_ARGUMENT, f"{option(name)}: {message}")
+
+
+def coerce_all(name: str, params: Mapping[str, Param], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every declared parameter of stage ``name`` from ``values`` (defaults for the missing ones).
+
+    The one validation path for argv, resident-worker requests and direct ``run()`` calls; raises
+    StageError(BAD_ARGUMENT) naming the option.
+    """
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise StageError(ErrorKind.BAD_ARGUMENT, f"unknown parameter(s) for {name}: {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    for pname, p in params.items():
+        value = values.get(pname)
+        try:
+            out[pname] = p.coerce(p.default if value is None else value)
+        except ValueError as exc:
+            raise bad_argument(pname, str(exc)) from None
+    return out
+
+
 def accepts_cache(run: RunFunction) -> bool:
     """Whether ``run`` takes a ``cache`` dict that outlives one job (resident Workers keep models in it)."""
     try:
@@ -233,18 +257,11 @@ def execute(
     """Run one job of a stage: coerce parameters, run, send ``done`` or ``failed``; the exit code."""
     with EventSender(targets) as sender:
         events = StageEvents(name, sender)
-        unknown = sorted(set(raw) - set(params))
-        if unknown:
-            events.failed(ErrorKind.BAD_ARGUMENT, f"unknown parameter(s): {', '.join(unknown)}")
+        try:
+            kwargs = coerce_all(name, params, raw)
+        except StageError as exc:
+            events.failed(exc.kind, exc.message)
             return EXIT_BAD_ARGUMENT
-        kwargs: dict[str, Any] = {}
-        for pname, p in params.items():
-            value = raw.get(pname)
-            try:
-                kwargs[pname] = p.coerce(p.default if value is None else value)
-            except ValueError as exc:
-                events.failed(ErrorKind.BAD_ARGUMENT, f"{option(pname)}: {exc}")
-                return EXIT_BAD_ARGUMENT
         if cache is not None and accepts_cache(run):
             kwargs["cache"] = cache
         try:

@@ -1,43 +1,39 @@
-"""Shared video I/O for stages: read a video file or an image folder, write through ffmpeg.
+"""Shared video I/O for stages: read a video file or an image folder; probe files; write via ffmpeg.
 
 ``VideoReader`` yields BGR uint8 HxWx3 frames from anything OpenCV can decode, or from a folder of
-numbered images. ``VideoWriter`` pipes BGR frames into the ffmpeg binary shipped by
-``imageio-ffmpeg`` and publishes the file with an atomic rename, so a reader of the final path
-never sees a half-written file (``docs/glossary.md``: final output).
-
-Codec presets (``Codec``), measured on the 720p demo clip with this machine's 2 cores:
-
-- ``ffv1`` -> ``.mkv``, FFV1 level 3, intra-only, ``bgr0``: lossless (a cv2 round trip is
-  bit-exact), the default for intermediates. ~1.4 MB/frame; encode ~35 fps, cv2 decode ~30 fps.
-- ``utvideo`` -> ``.mkv``, Ut Video ``gbrp``: also bit-exact, ~12% larger than ffv1 but about 6x
-  faster to decode (~185 fps) and 4x faster to encode: the better choice when decoding the
-  intermediate would otherwise slow the next stage down.
-- ``h264`` -> ``.mp4``, libx264 crf 16, ``yuv420p``: ~0.015 MB/frame and plays everywhere, but
-  lossy and needs an even width and height (4:2:0 chroma).
+numbered images. ``probe`` / ``has_audio`` ask the ffmpeg shipped by ``imageio-ffmpeg`` what a file
+holds. Writing (``VideoWriter``, ``Codec``, ``AudioSource``) lives in ``stages.videowriter`` and is
+re-exported here; its docstring lists the codec presets and what each costs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import secrets
 import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
-from fractions import Fraction
 from pathlib import Path
-from typing import IO
 
 import cv2
 import numpy as np
 
 from stages.events import ErrorKind
 from stages.stage import StageError
+from stages.videowriter import (
+    NO_WINDOW,
+    AudioSource,
+    Codec,
+    VideoOutputError,
+    VideoWriter,
+    ffmpeg_exe,
+    fps_fraction,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES", "AudioSource", "Codec", "VideoInfo", "VideoInputError", "VideoOutputError", "VideoReader",
+    "VideoWriter", "fps_fraction", "has_audio", "list_images", "probe", "read_image", "to_bgr8",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +44,6 @@ _FALLBACK_FPS = 30.0
 
 class VideoInputError(StageError):
     """The input is missing (INPUT_MISSING) or is not a readable video / has no frames (INPUT_INVALID)."""
-
-
-class VideoOutputError(StageError):
-    """A video could not be written (OUTPUT_ERROR), or the writer was asked for something impossible."""
-
-
-def fps_fraction(fps: float | Fraction) -> Fraction:
-    """An exact frame rate: ``29.97002997`` (as OpenCV reports 30000/1001) -> ``Fraction(30000, 1001)``."""
-    return Fraction(fps).limit_denominator(1001)
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:
@@ -83,7 +70,20 @@ def _natural_key(name: str) -> list[tuple[int, int | str]]:
     return [(0, int(c)) if c.isdigit() else (1, c.lower()) for c in re.split(r"(\d+)", name) if c]
 
 
-def _read_image(path: Path) -> np.ndarray:
+def list_images(folder: Path) -> list[Path]:
+    """The images in ``folder`` in natural order (hidden files skipped); INPUT_INVALID if there are none."""
+    images = sorted(
+        (p for p in folder.iterdir()
+         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+        key=lambda p: _natural_key(p.name),
+    )
+    if not images:
+        kinds = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+        raise VideoInputError(ErrorKind.INPUT_INVALID, f"no images ({kinds}) in folder {folder}")
+    return images
+
+
+def read_image(path: Path) -> np.ndarray:
     """Read one image as BGR uint8; via imdecode so non-ASCII paths work on Windows too."""
     suffix = path.suffix.lower()
     if suffix == ".exr" and not cv2.haveImageReader(str(path)):
@@ -124,15 +124,8 @@ class VideoReader:
         if not image_fps > 0:
             raise StageError(ErrorKind.BAD_ARGUMENT, f"image fps must be > 0, got {image_fps}")
         if self.path.is_dir():
-            self._images = sorted(
-                (p for p in self.path.iterdir()
-                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
-                key=lambda p: _natural_key(p.name),
-            )
-            if not self._images:
-                kinds = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
-                raise VideoInputError(ErrorKind.INPUT_INVALID, f"no images ({kinds}) in folder {self.path}")
-            first = _read_image(self._images[0])
+            self._images = list_images(self.path)
+            first = read_image(self._images[0])
             self.fps = float(image_fps)
             self.frame_count = len(self._images)
         else:
@@ -170,7 +163,7 @@ class VideoReader:
         """Yield frames ``start`` <= i < ``stop`` (skipped frames of a file are decoded, not converted)."""
         if self._images:
             for image in self._images[start:stop]:
-                frame = _read_image(image)
+                frame = read_image(image)
                 if frame.shape[:2] != (self.height, self.width):
                     raise VideoInputError(
                         ErrorKind.INPUT_INVALID,
@@ -215,189 +208,79 @@ class VideoReader:
         self.close()
 
 
-class Codec(StrEnum):
-    """Output codec presets of ``VideoWriter`` (see the module docstring)."""
-
-    UTVIDEO = "utvideo"
-    FFV1 = "ffv1"
-    H264 = "h264"
-
-    @property
-    def suffix(self) -> str:
-        """The file extension (container) this preset is written to by default."""
-        return _PRESETS[self].suffix
-
-
 @dataclass(frozen=True)
-class _Preset:
-    suffix: str
-    args: tuple[str, ...]  # ffmpeg output options: codec, pixel format, quality
-    even_size: bool
+class VideoInfo:
+    """What ``probe`` found in a video file or image folder (its first video stream)."""
+
+    width: int
+    height: int
+    fps: float | None  # as ffmpeg prints it (two decimals: 29.97); None for an image folder
+    frames: int | None  # counted when asked (folders: always); None when not counted
+    pix_fmt: str  # e.g. yuv420p, rgba, yuva444p12le (ProRes decodes to 12 bits)
+    codec: str  # e.g. h264, hap, prores, png, utvideo
+    has_audio: bool
+    duration: float | None  # the container's duration in seconds; None if it has none
+    audio_codec: str | None = None  # the first audio stream's codec, e.g. aac, pcm_s16le
 
 
-_PRESETS: dict[Codec, _Preset] = {
-    Codec.FFV1: _Preset(".mkv", ("-c:v", "ffv1", "-level", "3", "-g", "1", "-pix_fmt", "bgr0"), False),
-    Codec.UTVIDEO: _Preset(".mkv", ("-c:v", "utvideo", "-pix_fmt", "gbrp"), False),
-    Codec.H264: _Preset(
-        ".mp4", ("-c:v", "libx264", "-preset", "medium", "-crf", "16", "-pix_fmt", "yuv420p"), True
-    ),
-}
+_VIDEO_LINE = re.compile(r"Stream #0:\d+\S*: Video: (?P<codec>\w+)[^\n]*?, (?P<pix>\w+)(?:\([^)\n]*\))?, "
+                         r"(?P<w>\d+)x(?P<h>\d+)[^\n]*")
+_AUDIO_LINE = re.compile(r"Stream #0:\d+\S*: Audio: (\w+)")
+_FPS = re.compile(r"([\d.]+)(k?) (?:fps|tbr)")
+_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 
 
-def _ffmpeg_exe() -> str:
-    """The ffmpeg binary shipped with imageio-ffmpeg (or named by its IMAGEIO_FFMPEG_EXE variable)."""
-    import imageio_ffmpeg  # deferred: locating the binary is only needed when writing
-
+def _ffmpeg_input_report(path: Path, extra: Sequence[str] = (), timeout: float = 120.0) -> tuple[str, str]:
+    """What ffmpeg prints about ``path`` as its input: (the ``Input #0`` section, all of stderr)."""
+    if not path.exists():
+        raise VideoInputError(ErrorKind.INPUT_MISSING, f"not found: {path}")
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), *extra]
     try:
-        return str(imageio_ffmpeg.get_ffmpeg_exe())
-    except RuntimeError as exc:  # no binary for this platform
-        raise VideoOutputError(ErrorKind.OUTPUT_ERROR, f"no ffmpeg to write video with: {exc}") from None
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=timeout, creationflags=NO_WINDOW)
+    except subprocess.TimeoutExpired:
+        raise VideoInputError(ErrorKind.INPUT_INVALID, f"ffmpeg took over {timeout:g} s to read {path}") from None
+    except OSError as exc:
+        raise VideoInputError(ErrorKind.INPUT_INVALID, f"cannot run ffmpeg: {exc}") from None
+    text = proc.stderr.decode("utf-8", "replace")
+    section = re.split(r"\nStream mapping:|\nOutput #0", text, maxsplit=1)[0]
+    return section, text
 
 
-class VideoWriter:
-    """Writes BGR uint8 frames to ``path`` through ffmpeg; the file appears there only on success.
+def has_audio(path: Path) -> bool:
+    """Whether ``path`` holds at least one audio stream (an image folder has none)."""
+    path = Path(path)
+    if path.is_dir():
+        return False
+    return bool(_AUDIO_LINE.search(_ffmpeg_input_report(path)[0]))
 
-    Frames go to a temporary file in the same folder (``.<stem>.<random>.part<suffix>``, the suffix
-    kept so ffmpeg picks the right muxer) that ``close()`` renames onto ``path`` once ffmpeg has
-    exited cleanly. Any failure, or leaving the ``with`` block by an exception, kills ffmpeg, reaps
-    it and deletes the temporary file. ``fps`` may be a ``Fraction`` for exact NTSC rates.
+
+def probe(path: Path, count_frames: bool = False) -> VideoInfo:
+    """Size, rate, pixel format, codec, audio and duration of a video file or image folder.
+
+    ``count_frames`` counts the video packets by demuxing the whole file (stream copy, no decoding:
+    cheap in CPU, but it reads every byte). Image folders: the first image is probed, all counted.
     """
-
-    def __init__(self, path: Path | str, width: int, height: int, fps: float | Fraction,
-                 codec: Codec | str = Codec.FFV1) -> None:
-        self.path, self.codec = Path(path), Codec(codec)
-        self.width, self.height = int(width), int(height)
-        self.fps = fps_fraction(fps)
-        self.frames_written = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        preset = _PRESETS[self.codec]
-        if self.width <= 0 or self.height <= 0 or not self.fps > 0:
-            raise VideoOutputError(ErrorKind.BAD_ARGUMENT,
-                                   f"size and fps must be positive, got {width}x{height} @ {fps}")
-        if preset.even_size and (self.width % 2 or self.height % 2):
-            raise VideoOutputError(
-                ErrorKind.BAD_ARGUMENT,
-                f"{self.codec.value} needs an even width and height, got {self.width}x{self.height} "
-                f"(resize to an even size or use {Codec.FFV1.value})",
-            )
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            message = f"cannot create the folder {self.path.parent}: {exc}"
-            raise VideoOutputError(ErrorKind.OUTPUT_ERROR, message) from None
-        # ffmpeg creates it, so it gets the usual permissions (mkstemp's would be 0600)
-        temp_name = f".{self.path.stem}.{secrets.token_hex(4)}.part{self.path.suffix}"
-        self.temp_path = self.path.with_name(temp_name)
-        exe = _ffmpeg_exe()
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: no deadlock
-        cmd = [
-            exe, "-hide_banner", "-nostats", "-v", "warning", "-y",
-            "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{self.width}x{self.height}",
-            "-r", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "-", "-an",
-            *preset.args, str(self.temp_path),
-        ]
-        log.debug("ffmpeg: %s", cmd)
-        no_window = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
-        try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=self._stderr, creationflags=no_window)
-        except OSError as exc:
-            self._cleanup()
-            raise VideoOutputError(ErrorKind.OUTPUT_ERROR, f"cannot start ffmpeg: {exc}") from None
-
-    def write(self, frame: np.ndarray) -> None:
-        """Append one BGR uint8 frame of exactly the writer's size."""
-        if self._proc is None or self._proc.stdin is None:
-            raise VideoOutputError(ErrorKind.INTERNAL, f"writer for {self.path} is closed")
-        if frame.dtype != np.uint8 or frame.shape != (self.height, self.width, 3):
-            raise ValueError(f"expected a {self.height}x{self.width}x3 uint8 frame, got {frame.shape} "
-                             f"{frame.dtype}")
-        try:
-            self._proc.stdin.write(np.ascontiguousarray(frame).data)
-        except OSError:  # ffmpeg exited early (BrokenPipe; EINVAL on Windows)
-            self._finish(self._proc, timeout=5.0)
-            message = self._error(f"ffmpeg stopped accepting frames for {self.path}")
-            self.abort()
-            raise VideoOutputError(ErrorKind.OUTPUT_ERROR, message) from None
-        self.frames_written += 1
-
-    def close(self) -> None:
-        """Finish the file and move it onto ``path``; raises VideoOutputError if anything failed."""
-        if self._proc is None:
-            return
-        try:
-            if self.frames_written == 0:
-                raise VideoOutputError(ErrorKind.OUTPUT_ERROR, f"no frames were written to {self.path}")
-            code = self._finish(self._proc)
-            if code != 0:
-                raise VideoOutputError(ErrorKind.OUTPUT_ERROR,
-                                       self._error(f"ffmpeg failed writing {self.path} (exit code {code})"))
-            try:
-                os.replace(self.temp_path, self.path)
-            except OSError as exc:
-                raise VideoOutputError(ErrorKind.OUTPUT_ERROR,
-                                       f"cannot replace {self.path} (open elsewhere?): {exc}") from None
-        except BaseException:
-            self.abort()
-            raise
-        self._proc = None
-        warnings = self._error("")
-        self._stderr.close()
-        if warnings:
-            log.warning("ffmpeg (%s): %s", self.path.name, warnings)
-        log.info("wrote %s (%d frames, %dx%d @ %s fps, %s)", self.path, self.frames_written,
-                 self.width, self.height, self.fps, self.codec.value)
-
-    def abort(self) -> None:
-        """Stop ffmpeg at once and delete the temporary file; ``path`` is left untouched (idempotent)."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(OSError):
-                if proc.stdin is not None:
-                    proc.stdin.close()
-            proc.wait()
-        self._cleanup()
-
-    @staticmethod
-    def _finish(proc: subprocess.Popen[bytes], timeout: float | None = None) -> int | None:
-        """Close ffmpeg's input and wait for it to exit; its exit code (None if still running)."""
-        with contextlib.suppress(OSError):
-            if proc.stdin is not None:
-                proc.stdin.close()
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def _error(self, message: str) -> str:
-        """``message`` plus the end of ffmpeg's error output, if it wrote any."""
-        detail = ""
-        if not self._stderr.closed:
-            self._stderr.seek(0)
-            detail = self._stderr.read()[-2000:].decode("utf-8", "replace").strip()
-        return f"{message}: {detail}" if message and detail else message or detail
-
-    def _cleanup(self) -> None:
-        if hasattr(self, "_stderr"):
-            self._stderr.close()
-        try:
-            self.temp_path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", self.temp_path, exc)
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def __del__(self) -> None:
-        if getattr(self, "_proc", None) is not None:
-            with contextlib.suppress(Exception):  # at interpreter shutdown nothing more can be done
-                log.warning("VideoWriter for %s was never closed; discarding it", self.path)
-                self.abort()
+    path = Path(path)
+    images = list_images(path) if path.is_dir() else []
+    extra = ["-map", "0:v:0", "-c", "copy", "-f", "null", "-"] if count_frames and not images else []
+    section, text = _ffmpeg_input_report(images[0] if images else path, extra)
+    video = _VIDEO_LINE.search(section)
+    if video is None:
+        raise VideoInputError(ErrorKind.INPUT_INVALID, f"no video stream in {path}")
+    fps = _FPS.search(video.group(0))
+    duration = _DURATION.search(section)
+    audio = None if images else _AUDIO_LINE.search(section)
+    frames: int | None = len(images) if images else None
+    if extra:
+        counted = re.findall(r"frame=\s*(\d+)", text)
+        frames = int(counted[-1]) if counted else None
+    return VideoInfo(
+        width=int(video["w"]), height=int(video["h"]),
+        fps=None if images or fps is None else float(fps[1]) * (1000 if fps[2] else 1),
+        frames=frames, pix_fmt=video["pix"], codec=video["codec"],
+        has_audio=audio is not None,
+        duration=None if images or duration is None else
+        int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3]),
+        audio_codec=None if audio is None else audio[1],
+    )

@@ -53,3 +53,8 @@ def test_demo_runs_the_embedded_default(tmp_path: Path, fake_td: FakeTD) -> None
     # the demo prints every Event its own listener received: the same sequence TD got
     assert f"{len(fake_td.events)} events received" in proc.stdout
     assert (out / "demo_clip.mp4").is_file() and (out / "demo_clip_mask.mkv").is_file()
+    # the default pipeline is matte: the real model's alpha matches the clip's ground truth
+    names = sorted(Path(p).name for p in done["outputs"])
+    assert names == ["demo_clip_alpha.mp4", "demo_clip_composite.mp4", "demo_clip_matte.mov"]
+    iou = float(proc.stdout.split("IoU mean ")[1].split(",")[0])
+    assert iou >= 0.9

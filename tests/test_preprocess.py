@@ -16,8 +16,17 @@ import pytest
 from stages import preprocess
 from stages.events import ErrorKind, EventSpec
 from stages.stage import StageError, StageEvents
-from stages.video import Codec, VideoWriter
-from tests.test_video import bad_input, frame_index, noise_frames, pattern_frame, read_all, write_clip
+from stages.video import Codec, VideoWriter, has_audio, probe
+from tests.test_video import (
+    audio_samples,
+    av_clip,
+    bad_input,
+    frame_index,
+    noise_frames,
+    pattern_frame,
+    read_all,
+    write_clip,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import FakeTD
@@ -50,7 +59,8 @@ def test_importing_the_stage_is_cheap_and_codecs_match() -> None:
     code = "import sys, stages.preprocess; print(sorted({'cv2', 'numpy'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.stdout.strip() == "[]", proc.stderr
-    assert tuple(c.value for c in Codec) == preprocess.CODECS and preprocess.CODECS[0] == "utvideo"
+    assert set(preprocess.CODECS) <= {c.value for c in Codec} and preprocess.CODECS[0] == next(iter(Codec)).value
+    assert not any(Codec(c).is_sequence for c in preprocess.CODECS)
 
 
 def test_defaults_copy_the_clip_losslessly(clip: Path, tmp_path: Path) -> None:
@@ -168,6 +178,32 @@ def test_h264_of_an_odd_source_asks_for_even_sizes(tmp_path: Path) -> None:
         preprocess.run(src, tmp_path / "out", codec="h264")
     assert err.value.kind is ErrorKind.BAD_ARGUMENT and "even" in err.value.message
     assert preprocess.run(src, tmp_path / "out", codec="h264", width=64).frames == 3
+
+
+def test_audio_of_the_trimmed_range_is_kept(tmp_path: Path) -> None:
+    """Silence for 1 s, then a sine: trimming to either half must carry exactly that half's audio."""
+    src = av_clip(tmp_path / "talk.mp4", seconds=2.0,
+                  audio="aevalsrc=exprs='if(lt(t,1),0,0.5*sin(2*PI*440*t))':d=2:s=44100")
+    for name, params, loud in (("late", {"start_seconds": 1.0}, True),
+                               ("early", {"end_frame": 30, "fps": 15}, False),
+                               ("mid", {"start_frame": 15, "end_frame": 45}, None)):
+        result = preprocess.run(src, tmp_path / name, **params)
+        info = probe(result.outputs[0], count_frames=True)
+        seconds = info.frames / info.fps
+        assert seconds == pytest.approx(1.0) and info.audio_codec == "pcm_s16le"
+        assert info.duration == pytest.approx(seconds, abs=0.02)  # audio ends with the video
+        sound = np.abs(audio_samples(result.outputs[0])) > 0.05
+        assert len(sound) / 8000 == pytest.approx(seconds, abs=0.02)
+        if loud is None:  # 0.5 s .. 1.5 s: silent first half, sine second half
+            assert not sound[:3800].any() and sound[4200:].mean() > 0.5
+        else:
+            assert sound[200:-200].mean() > 0.5 if loud else not sound.any()
+
+
+def test_silent_sources_and_image_folders_have_no_audio(clip: Path, tmp_path: Path) -> None:
+    silent = av_clip(tmp_path / "silent.mp4", seconds=0.5, audio=None)
+    assert not has_audio(preprocess.run(silent, tmp_path / "a").outputs[0])
+    assert not has_audio(preprocess.run(clip, tmp_path / "b", end_frame=3).outputs[0])
 
 
 @pytest.mark.parametrize(

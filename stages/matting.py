@@ -1,0 +1,206 @@
+"""The ``matting`` stage: Robust Video Matting (RVM) of people in a clip -> alpha, foreground, composites.
+
+    python -m stages.matting --input clip.mp4 --output-dir out/ --report 127.0.0.1:7000 \\
+        --outputs alpha,composite --background '#00b140' --provider auto
+
+``outputs`` (comma-separated, in this order in ``done``; the FIRST is the next stage's input):
+
+| name | file | what |
+|---|---|---|
+| ``alpha`` | ``alpha.mp4`` | the matte, gray H.264 |
+| ``foreground`` | ``foreground.mp4`` | RVM's predicted foreground colours, H.264 |
+| ``composite`` | ``composite.mp4`` | foreground over ``background``, H.264, with the input's audio |
+| ``rgba`` | ``matte_rgba.mkv`` | foreground + alpha, BGRA, lossless Ut Video: for later stages |
+| ``rgba_png`` | ``rgba/`` | foreground + alpha as an RGBA PNG sequence (lossless) |
+| ``hap_alpha`` | ``matte.mov`` | HAP Alpha (TouchDesigner decodes it on the GPU) |
+| ``prores4444`` | ``matte_prores.mov`` | ProRes 4444 with alpha |
+
+``background`` is ``#rrggbb``, an image or a video file (``stages.compositing.parse_background``).
+Every output has the input's frame count, frame rate and size. ``ratio`` is RVM's downsample
+ratio; by default it comes from RVM's published table for the frame size and ``subject``:
+``portrait`` (default: head and shoulders, e.g. 0.375 at 720p, the fast choice) or ``full_body``
+(people small in the frame, 0.6 at 720p: slower, as inference cost grows with the ratio).
+``provider``: ``auto`` uses CUDA when onnxruntime-gpu is installed, else the CPU; an explicit
+``cuda`` / ``tensorrt`` that is not available fails with ``provider_unavailable`` instead of
+running on the CPU. ``scene_cut`` > 0
+resets the recurrent state at hard cuts (``stages.rvm.SceneCut``; try 0.08).
+
+Decoding, inference and encoding run concurrently (``stages/matting_pipeline.py``);
+``docs/performance.md`` has the measured speeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.events import ErrorKind
+from stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, bad_argument, coerce_all, stage_main
+
+if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
+    import numpy as np
+
+    from stages.matting_pipeline import Sink
+    from stages.rvm import RVM
+
+log = logging.getLogger(__name__)
+
+NAME = "matting"
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")  # stages.rvm.PROVIDERS (checked by a test)
+SUBJECTS = ("portrait", "full_body")
+#: output name -> (file or folder name, stages.video.Codec value, channels)
+OUTPUTS: dict[str, tuple[str, str, int]] = {
+    "alpha": ("alpha.mp4", "h264", 1),
+    "foreground": ("foreground.mp4", "h264", 3),
+    "composite": ("composite.mp4", "h264", 3),
+    "rgba": ("matte_rgba.mkv", "utvideo", 4),
+    "rgba_png": ("rgba", "png", 4),
+    "hap_alpha": ("matte.mov", "hap_alpha", 4),
+    "prores4444": ("matte_prores.mov", "prores4444", 4),
+}
+
+PARAMS: dict[str, Param] = {
+    "model": Param(str, "rvm_mobilenetv3_fp32", "RVM model: a manifest name or an .onnx path",
+                   kind=ParamKind.MODEL),
+    "ratio": Param(float, None, "downsample ratio in (0, 1]; default: from RVM's table for the size and subject",
+                   minimum=0.0, maximum=1.0),
+    "subject": Param(str, "portrait", "portrait or full_body: picks the default ratio", choices=SUBJECTS),
+    "provider": Param(str, "auto", "execution provider: auto, cpu, cuda or tensorrt", choices=PROVIDERS),
+    "threads": Param(int, 0, "onnxruntime intra-op threads (0: one per core)", minimum=0),
+    "outputs": Param(str, "alpha,composite", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
+    "background": Param(str, "#00b140", "composite background: #rrggbb, an image or a video file"),
+    "scene_cut": Param(float, 0.0, "reset the state at cuts above this frame difference (0: off)",
+                       minimum=0.0, maximum=1.0),
+    "io_binding": Param(str, "auto", "onnxruntime IO binding: auto (on for GPU providers), on, off",
+                        choices=("auto", "on", "off")),
+}
+
+
+def _coerce(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate keyword parameters exactly as argv values are (run() is called directly too)."""
+    out = coerce_all(NAME, PARAMS, params)
+    if out["ratio"] is not None and not out["ratio"] > 0:
+        raise bad_argument("ratio", f"must be > 0, got {out['ratio']}")
+    out["outputs"] = parse_outputs(out["outputs"])
+    return out
+
+
+def parse_outputs(text: str) -> tuple[str, ...]:
+    """``"alpha,composite"`` -> ("alpha", "composite"); BAD_ARGUMENT for unknown, repeated or none."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise bad_argument("outputs", f"name at least one of {', '.join(OUTPUTS)}")
+    for n in names:
+        if n not in OUTPUTS:
+            raise bad_argument("outputs", f"unknown output {n!r}; expected some of {', '.join(OUTPUTS)}")
+    if len(set(names)) != len(names):
+        raise bad_argument("outputs", f"an output is named twice in {text!r}")
+    return names
+
+
+def resolve_model(name: str) -> tuple[Path, Any]:
+    """The model file and its manifest spec (for a bare .onnx path: the RVM family's first spec)."""
+    from models import ModelError, ModelInvalidError, load_manifest, resolve
+
+    try:
+        path = resolve(name)
+        specs = load_manifest()
+    except ModelInvalidError as exc:
+        raise StageError(ErrorKind.MODEL_INVALID, str(exc)) from None
+    except ModelError as exc:
+        raise StageError(ErrorKind.MODEL_MISSING, str(exc)) from None
+    spec = specs.get(name) or next(s for s in specs.values() if s.family == "rvm")
+    return path, spec
+
+
+def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache: dict[str, Any] | None = None,
+        **params: Any) -> StageResult:
+    """Matte ``input`` into ``output_dir``; see the module docstring.
+
+    ``cache`` (resident workers, ``docs/stages.md``): loaded sessions are kept in it between jobs.
+    """
+    from stages.matting_pipeline import run_pipeline
+    from stages.video import VideoReader
+
+    events = events or StageEvents(NAME, None)
+    opts = _coerce(params)
+    input, output_dir = Path(input), Path(output_dir)
+    model_path, spec = resolve_model(opts["model"])
+    with VideoReader(input) as reader, contextlib.ExitStack() as writers:
+        w, h, fps = reader.width, reader.height, reader.fps
+        ratio = opts["ratio"] or spec.recommended_downsample_ratio(w, h, opts["subject"])
+        model = _model(cache, model_path, opts["provider"], opts["threads"], opts["io_binding"])
+        sinks = [_sink(name, input, output_dir, w, h, fps, opts["background"], reader.is_image_folder, writers)
+                 for name in opts["outputs"]]
+        expected = reader.frame_count
+        events.started(input=str(input), frames=expected, fps=fps, width=w, height=h, model=opts["model"],
+                       provider=model.provider, precision=model.precision, ratio=ratio,
+                       io_binding=model.io_binding, threads=opts["threads"], outputs=list(opts["outputs"]),
+                       scene_cut=opts["scene_cut"])
+
+        def progress(n: int) -> None:
+            events.progress(n, expected if n <= expected else -1)
+
+        stats = run_pipeline(reader, model, ratio, sinks, w, h, scene_cut=opts["scene_cut"], on_frame=progress)
+    if stats.frames != expected:
+        log.info("%d frames (the container estimated %d)", stats.frames, expected)
+        events.progress(stats.frames, stats.frames)
+    if stats.scene_cuts:
+        log.info("%d scene cut(s) reset the state", stats.scene_cuts)
+    outputs = tuple(output_dir / OUTPUTS[name][0] for name in opts["outputs"])
+    return StageResult(outputs=outputs, frames=stats.frames)
+
+
+def _model(cache: dict[str, Any] | None, path: Path, provider: str, threads: int, io_binding: str) -> RVM:
+    """A session for these settings: from ``cache`` when a resident worker has one, state reset."""
+    from stages.rvm import RVM
+
+    key = f"rvm:{path.resolve()}:{path.stat().st_mtime_ns}:{provider}:{threads}:{io_binding}"
+    model = cache.get(key) if cache is not None else None
+    if model is None:
+        binding = {"auto": None, "on": True, "off": False}[io_binding]
+        model = RVM(path, provider, threads=threads, io_binding=binding)
+        if cache is not None:
+            cache[key] = model
+    model.reset()
+    return model
+
+
+def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps: float, background: str,
+          image_folder: bool, writers: contextlib.ExitStack) -> Sink:
+    """Open the writer of one output (registered on ``writers``) and say how to fill it."""
+    import numpy as np
+
+    from stages.compositing import composite, parse_background, to_bgra
+    from stages.matting_pipeline import Matte, Sink
+    from stages.video import AudioSource, Codec, VideoWriter, has_audio
+
+    file, codec, channels = OUTPUTS[name]
+    bg = writers.enter_context(parse_background(background, width, height)) if name == "composite" else None
+    audio = None
+    if name == "composite" and not image_folder and has_audio(input):
+        audio = AudioSource(input)
+    writer = writers.enter_context(
+        VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
+    if channels == 1:
+        return Sink(name, writer, lambda m: m.alpha)
+    # write() has copied a frame into ffmpeg's pipe when it returns: one buffer per sink is enough
+    out = np.empty((height, width, channels), np.uint8)
+
+    def convert(m: Matte) -> np.ndarray:
+        assert m.foreground is not None  # the pipeline converts it when a sink says it needs it
+        if bg is not None:
+            return composite(m.foreground, m.alpha, bg.frame(m.index), out)
+        return m.foreground if channels == 3 else to_bgra(m.foreground, m.alpha, out)
+    return Sink(name, writer, convert, needs_foreground=True)
+
+
+def main() -> int:
+    return stage_main(NAME, PARAMS, run, doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
