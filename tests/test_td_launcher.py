@@ -24,11 +24,14 @@ from td.launcher import (
 from tests.conftest import subprocess_env
 
 
-def test_default_interpreter_is_the_repositorys_venv_never_tds() -> None:
+def test_default_interpreter_is_the_repositorys_venv_never_tds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_python(Path("C:/cp"), windows=True) == Path("C:/cp/.venv/Scripts/python.exe")
     assert default_python(Path("/cp"), windows=False) == Path("/cp/.venv/bin/python")
-    assert default_python().parent.parent == REPO_ROOT / ".venv"
-    assert default_python() != Path(sys.executable)
+    expected = default_python()
+    assert expected.parent.parent == REPO_ROOT / ".venv"
+    # Inside TD, sys.executable is TD's own interpreter: the default must not follow it.
+    monkeypatch.setattr(sys, "executable", "C:/Program Files/Derivative/TouchDesigner/bin/python.exe")
+    assert default_python() == expected
 
 
 def test_job_ids_are_what_cuepipe_run_accepts() -> None:
