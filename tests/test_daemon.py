@@ -205,6 +205,27 @@ def test_cancel_queued_and_running(root: Path, client: Client) -> None:
     assert "job/started" not in [e.spec.name for e in client.events if e.fields.get("job") == queued]
 
 
+def test_queue_full(root: Path) -> None:
+    srv = Server(root, "--max-queue", "1")
+    c = Client(srv.port)
+    try:
+        jobs = []
+        for tag in ("running", "queued"):
+            c.send("cmd/run", tag=tag, pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
+            jobs.append(c.wait("reply/ack", tag=tag)["job"])
+            if tag == "running":
+                c.wait("job/stage_started", job=jobs[0])
+        c.send("cmd/run", tag="one-too-many", pipeline="quick", input=str(root / "clip.txt"), priority=0, sets=[])
+        error = c.wait("reply/error", tag="one-too-many")
+        assert (error["reason"], error["command"]) == ("queue_full", "run")
+        for job in jobs:
+            c.send("cmd/cancel", tag=f"x{job}", job=job)
+            c.wait("job/cancelled", job=job)
+    finally:
+        srv.stop()
+        c.close()
+
+
 def test_priority_jumps_the_queue(root: Path, client: Client) -> None:
     client.send("cmd/run", tag="hold", pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
     holder = client.wait("reply/ack", tag="hold")["job"]
