@@ -206,8 +206,8 @@ class Job:
         args = [self.python, "-m", STAGES[stage.name], "--input", str(source), "--output-dir", str(out),
                 "--report", f"127.0.0.1:{port}"]
         for key, value in stage.params.items():
-            if value is not None:
-                args += [option(key), str(value).lower() if isinstance(value, bool) else str(value)]
+            if value is not None:  # --key=value: a value such as "[-1,1]" must not look like an option
+                args.append(f"{option(key)}={str(value).lower() if isinstance(value, bool) else value}")
         return args
 
     def _attempt(self, sock: EventSocket, index: int, stage: Stage, number: int, source: Path) -> Attempt:

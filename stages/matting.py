@@ -49,8 +49,9 @@ if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run
 log = logging.getLogger(__name__)
 
 NAME = "matting"
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")  # stages.rvm.PROVIDERS (checked by a test)
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")  # stages.inference.PROVIDERS (checked by a test)
 SUBJECTS = ("portrait", "full_body")
+AUDIO_OUTPUTS = ("composite", "rgba")
 #: output name -> (file or folder name, stages.video.Codec value, channels)
 OUTPUTS: dict[str, tuple[str, str, int]] = {
     "alpha": ("alpha.mp4", "h264", 1),
@@ -181,7 +182,8 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
     file, codec, channels = OUTPUTS[name]
     bg = writers.enter_context(parse_background(background, width, height)) if name == "composite" else None
     audio = None
-    if name == "composite" and not image_folder and has_audio(input):
+    # the composite (to watch) and the lossless RGBA (the next stage's input) carry the input's audio
+    if name in AUDIO_OUTPUTS and not image_folder and has_audio(input):
         audio = AudioSource(input)
     writer = writers.enter_context(
         VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))

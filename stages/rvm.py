@@ -3,10 +3,11 @@
 No argv and no Events: ``stages.matting`` drives it frame by frame, and a future resident worker
 can keep one ``RVM`` loaded across jobs (``reset()`` between clips).
 
-- Providers (``PROVIDERS``): ``auto`` is CUDA when onnxruntime offers it, else CPU; TensorRT only
-  when asked for. A requested GPU provider that is missing - or that onnxruntime silently drops
-  when creating the session (it falls back to CPU when CUDA libraries are missing) - raises
-  ``StageError(PROVIDER_UNAVAILABLE)``: never a silent CPU run. ``RVM.provider`` is the one in use.
+- Providers (``stages.inference``, shared with ``generate``): ``auto`` is CUDA when onnxruntime
+  offers it, else CPU; TensorRT only when asked for. A requested GPU provider that is missing - or
+  that onnxruntime silently drops when creating the session (it falls back to CPU when CUDA
+  libraries are missing) - raises ``StageError(PROVIDER_UNAVAILABLE)``: never a silent CPU run.
+  ``RVM.provider`` is the one in use.
 - Precision comes from the model's ``src`` input: fp16 models get fp16 ``src`` and states;
   ``downsample_ratio`` is always float32 ``[1]``.
 - State: zeros ``[1,1,1,1]`` at the start, ``r*o`` fed back as ``r*i``; reset by ``reset()`` and
@@ -22,7 +23,6 @@ naive numpy ~2-4 ms), ``to_alpha`` ~0.3 ms, ``to_foreground`` ~0.8 ms, against ~
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,44 +31,15 @@ import numpy as np
 import onnxruntime as ort
 
 from stages.events import ErrorKind
+from stages.inference import device_of, open_session
 from stages.stage import StageError
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 IO_BINDING = ("auto", "on", "off")
-_EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 _INPUTS = ("src", "r1i", "r2i", "r3i", "r4i", "downsample_ratio")
 _OUTPUTS = ("fgr", "pha", "r1o", "r2o", "r3o", "r4o")
 _DTYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-# onnxruntime's load errors share no base class below Exception; these are the ones a bad file raises.
-_ORT_ERRORS: tuple[type[Exception], ...] = tuple(
-    getattr(ort.capi.onnxruntime_pybind11_state, n)
-    for n in ("Fail", "InvalidProtobuf", "NoSuchFile", "InvalidGraph", "InvalidArgument", "NotImplemented",
-              "RuntimeException")
-    if hasattr(ort.capi.onnxruntime_pybind11_state, n)
-)
-
-
-def choose_provider(provider: str, available: Sequence[str] | None = None) -> str:
-    """The execution provider for ``provider`` (auto/cpu/cuda/tensorrt); PROVIDER_UNAVAILABLE if missing."""
-    available = list(ort.get_available_providers() if available is None else available)
-    if provider not in PROVIDERS:
-        raise StageError(ErrorKind.BAD_ARGUMENT, f"provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
-    if provider == "auto":
-        return _EP["cuda"] if _EP["cuda"] in available else _EP["cpu"]
-    wanted = _EP[provider]
-    if wanted not in available:
-        raise StageError(ErrorKind.PROVIDER_UNAVAILABLE, _unavailable(wanted, available))
-    return wanted
-
-
-def _unavailable(wanted: str, available: Sequence[str]) -> str:
-    return (f"{wanted} is not available in this onnxruntime (available: {', '.join(available)}). "
-            "For CUDA/TensorRT install the GPU build in place of the CPU one: "
-            "pip uninstall onnxruntime && pip install onnxruntime-gpu (it needs matching CUDA/cuDNN "
-            "libraries); or run with --provider cpu")
 
 
 class RVM:
@@ -82,33 +53,12 @@ class RVM:
 
     def __init__(self, model_path: Path, provider: str = "auto", threads: int = 0, inter_threads: int = 0,
                  io_binding: bool | None = None, device_id: int = 0, spinning: bool = False) -> None:
-        ep = choose_provider(provider)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = inter_threads
-        # Frames are decoded and encoded by other threads/processes on the same cores: idle ORT
-        # threads sleep rather than spin, so as not to steal CPU from them (docs/performance.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        providers: list[Any] = [(ep, {"device_id": device_id})] if ep != _EP["cpu"] else []
-        if ep == _EP["tensorrt"] and _EP["cuda"] in ort.get_available_providers():
-            providers.append((_EP["cuda"], {"device_id": device_id}))  # for nodes TensorRT does not take
-        providers.append(_EP["cpu"])
-        try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
-        except _ORT_ERRORS as exc:
-            raise StageError(ErrorKind.MODEL_INVALID, f"{model_path}: onnxruntime cannot load it: {exc}") from None
-        in_use = self.session.get_providers()
-        if not in_use or in_use[0] != ep:  # e.g. CUDA listed but its libraries missing: ORT fell back
-            raise StageError(ErrorKind.PROVIDER_UNAVAILABLE,
-                             f"{ep} was requested but onnxruntime created the session with {in_use} "
-                             "(missing CUDA/cuDNN/TensorRT libraries? see onnxruntime's warnings above). "
-                             + _unavailable(ep, ort.get_available_providers()))
+        self.session, ep = open_session(model_path, provider, threads, inter_threads, spinning, device_id)
         self.provider = ep
         self.model_path = Path(model_path)
         self._dtype = self._check_signature()
         self.precision = "fp16" if self._dtype == np.float16 else "fp32"
-        self.device = _DEVICE[ep]
+        self.device = device_of(ep)
         self.io_binding = self.device != "cpu" if io_binding is None else io_binding
         self._device_id = device_id
         self._key: tuple[int, int, float] | None = None

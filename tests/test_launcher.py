@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.job import publish
+from orchestrator.job import Job, publish
 from tests.conftest import FakeTD, subprocess_env
 
 PIPELINES = """
@@ -288,3 +288,17 @@ def test_publish_never_leaves_partial_file(tmp_path: Path, monkeypatch: pytest.M
     assert src.read_bytes() == b"x" * 1000, "the source was lost"
     monkeypatch.undo()
     assert publish(src, dst) == dst and dst.read_bytes() == b"x" * 1000
+
+
+def test_values_that_look_like_options_reach_the_stage(workspace: Path) -> None:
+    """Ranges such as "[-1,1]" (generator contracts) start with a dash once the bracket is dropped."""
+    from orchestrator.pipeline import load_file
+    from stages.stage import build_parser
+    from tests import stage_misbehaving
+
+    pipeline = load_file(workspace / "pipelines.toml").pipelines["two"]
+    stage = pipeline.stages[0].__class__(**{**pipeline.stages[0].__dict__, "params": {"pidfile": "-1,1]"}})
+    argv = Job(pipeline, workspace / "clip.txt", lambda e: None).argv(stage, workspace / "clip.txt", workspace, 9)
+    assert "--pidfile=-1,1]" in argv
+    parsed = build_parser("misbehaving", stage_misbehaving.PARAMS, None).parse_args(argv[3:])
+    assert parsed.pidfile == "-1,1]"

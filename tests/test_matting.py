@@ -15,7 +15,7 @@ import pytest
 
 from models import resolve
 from orchestrator.democlip import render_frames, write_clip
-from stages import matting, rvm
+from stages import inference, matting, rvm
 from stages.events import ErrorKind
 from stages.matting_pipeline import Sink, run_pipeline
 from stages.stage import StageError, StageEvents
@@ -220,14 +220,14 @@ def test_cli_failures(tmp_path: Path, fake_td: FakeTD, args: tuple[str, ...], ki
 
 
 def test_provider_choice() -> None:
-    assert rvm.choose_provider("auto", ["CPUExecutionProvider"]) == "CPUExecutionProvider"
+    assert inference.choose_provider("auto", ["CPUExecutionProvider"]) == "CPUExecutionProvider"
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert rvm.choose_provider("auto", gpu) == "CUDAExecutionProvider"  # TensorRT only when asked
-    assert rvm.choose_provider("tensorrt", gpu) == "TensorrtExecutionProvider"
+    assert inference.choose_provider("auto", gpu) == "CUDAExecutionProvider"  # TensorRT only when asked
+    assert inference.choose_provider("tensorrt", gpu) == "TensorrtExecutionProvider"
     with pytest.raises(StageError) as err:
-        rvm.choose_provider("tensorrt", ["CPUExecutionProvider"])
+        inference.choose_provider("tensorrt", ["CPUExecutionProvider"])
     assert err.value.kind is ErrorKind.PROVIDER_UNAVAILABLE
-    assert matting.PROVIDERS == rvm.PROVIDERS
+    assert matting.PROVIDERS == inference.PROVIDERS
 
 
 def test_a_silent_fallback_to_cpu_is_refused(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
