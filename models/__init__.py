@@ -1,7 +1,8 @@
 """The model manifest (``models/manifest.toml``) as frozen specs, and where model files live.
 
 Stdlib-only at import so stages can resolve a model name cheaply before loading onnxruntime.
-Fetching and verifying files is in ``models.fetch`` (``cuepipe models ...``).
+Fetching and verifying files is in ``models.fetch`` (``cuepipe models ...``); models that cuepipe
+builds itself (an entry's ``builtin`` key) are in ``models.builtin``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from models.builtin import BUILDERS
+from models.generator import ContractError, GeneratorContract
+
 __all__ = [
     "DownsampleRatio",
+    "GeneratorContract",
     "ManifestError",
     "ModelError",
     "ModelInvalidError",
@@ -93,7 +98,7 @@ class ModelSpec:
 
     name: str
     file: str
-    url: str
+    url: str | None  # None for a built-in model without a download
     sha256: str | None
     size_bytes: int | None
     family: str
@@ -104,6 +109,10 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     downsample_ratios: tuple[DownsampleRatio, ...]
+    #: image-to-image generators: how frames map to the model's tensors (``models/generator.py``)
+    generator: GeneratorContract | None = None
+    #: built locally by ``models.builtin.BUILDERS[builtin]`` instead of downloaded (``cuepipe models fetch``)
+    builtin: str | None = None
 
     @property
     def path(self) -> Path:
@@ -145,9 +154,8 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
         spec = specs[text]
         path = spec.path
         if not path.is_file():
-            raise ModelMissingError(
-                f"model {text!r} is not in {path.parent}; get it with: cuepipe models fetch {text}"
-            )
+            how = "build it (locally, no download)" if spec.builtin else "get it"
+            raise ModelMissingError(f"model {text!r} is not in {path.parent}; {how} with: cuepipe models fetch {text}")
         if spec.size_bytes is not None and (size := path.stat().st_size) != spec.size_bytes:
             raise ModelInvalidError(
                 f"model {text!r} at {path} is {size} bytes, expected {spec.size_bytes}; "
@@ -231,14 +239,18 @@ def _ratios(items: Any, where: str) -> tuple[DownsampleRatio, ...]:
 
 
 def _model(raw: Any, where: str, families: dict[str, Any]) -> ModelSpec:
-    keys = {"name", "file", "url", "sha256", "size_bytes", "family", "precision", "backbone", "wheel"}
+    keys = {"name", "file", "url", "builtin", "sha256", "size_bytes", "family", "precision", "backbone", "wheel",
+            "generator"}
     t = _Table(raw, where, keys)
     name = t.get("name", str)
     t.where = f"{where} ({name})"
-    file, url = t.get("file", str), t.get("url", str)
+    builtin = t.get("builtin", str, required=False)
+    if builtin is not None and builtin not in BUILDERS:
+        raise t.fail("builtin", f"names an unknown built-in model {builtin!r}; known: {sorted(BUILDERS)}")
+    file, url = t.get("file", str), t.get("url", str, required=builtin is None)
     if PurePosixPath(file).name != file or "\\" in file or not file.endswith(".onnx"):
         raise t.fail("file", f"must be a bare file name ending in .onnx, not {file!r}")
-    if not url.startswith("https://"):
+    if url is not None and not url.startswith("https://"):
         raise t.fail("url", f"must be an https:// URL, not {url!r}")
     sha256 = t.get("sha256", str, required=False)
     if sha256 is not None and not _SHA256.fullmatch(sha256):
@@ -259,7 +271,7 @@ def _model(raw: Any, where: str, families: dict[str, Any]) -> ModelSpec:
         if member.is_absolute() or ".." in member.parts or member.name != file or len(member.parts) < 2:
             raise w.fail("member", f"must be a relative path 'package/.../{file}', not {wheel.member!r}")
     fam = _Table(families[family], f"families.{family}",
-                 {"description", "license", "homepage", "inputs", "outputs", "downsample_ratios"})
+                 {"description", "license", "homepage", "inputs", "outputs", "downsample_ratios", "generator"})
     return ModelSpec(
         name=name, file=file, url=url, sha256=sha256, size_bytes=size, family=family,
         precision=precision, backbone=t.get("backbone", str), license=fam.get("license", str),
@@ -268,7 +280,25 @@ def _model(raw: Any, where: str, families: dict[str, Any]) -> ModelSpec:
         outputs=_tensors(fam.get("outputs", list), f"families.{family}.outputs", precision),
         downsample_ratios=_ratios(fam.get("downsample_ratios", list, required=False) or [],
                                   f"families.{family}.downsample_ratios"),
+        generator=_generator(fam.get("generator", dict, required=False), t.get("generator", dict, required=False),
+                             family, t.where),
+        builtin=builtin,
     )
+
+
+def _generator(family_table: dict[str, Any] | None, model_table: dict[str, Any] | None, family: str,
+               where: str) -> GeneratorContract | None:
+    """The family's ``generator`` contract with the model's own ``generator`` keys applied on top."""
+    if family_table is None and model_table is None:
+        return None
+    contract = None
+    for table, label in ((family_table, f"families.{family}.generator"), (model_table, f"{where}.generator")):
+        if table is not None:
+            try:
+                contract = GeneratorContract.from_mapping(table, contract)
+            except ContractError as exc:
+                raise ManifestError(f"{label}: {exc}") from None
+    return contract
 
 
 @functools.lru_cache(maxsize=8)

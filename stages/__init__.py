@@ -15,6 +15,8 @@ from types import ModuleType
 BUILTIN: Mapping[str, str] = {
     "preprocess": "stages.preprocess",
     "matting": "stages.matting",
+    "generate": "stages.generate",
+    "composite": "stages.composite",
 }
 
 

@@ -302,3 +302,17 @@ def test_values_that_look_like_options_reach_the_stage(workspace: Path) -> None:
     assert "--pidfile=-1,1]" in argv
     parsed = build_parser("misbehaving", stage_misbehaving.PARAMS, None).parse_args(argv[3:])
     assert parsed.pidfile == "-1,1]"
+
+
+def test_publish_a_folder_over_an_older_one(tmp_path: Path) -> None:
+    """PNG sequences are folders; re-running a job replaces the published folder as a whole."""
+    dst = tmp_path / "out" / "clip_rgba"
+    for run, frames in enumerate((3, 2)):
+        src = tmp_path / f"work{run}" / "rgba"
+        src.mkdir(parents=True)
+        for i in range(frames):
+            (src / f"frame_{i:06d}.png").write_bytes(bytes([run]))
+        assert publish(src, dst) == dst
+    assert sorted(p.name for p in dst.iterdir()) == ["frame_000000.png", "frame_000001.png"]
+    assert (dst / "frame_000000.png").read_bytes() == bytes([1])
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["clip_rgba"]  # no .part / .old left

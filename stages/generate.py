@@ -1,0 +1,230 @@
+"""The ``generate`` stage: any image-to-image ONNX generator, frame by frame, on the person or the frame.
+
+    python -m stages.generate --input matte_rgba.mkv --output-dir out/ --report 127.0.0.1:7000 \\
+        --model models/weights/AnimeGANv2_Hayao.onnx --layout nhwc --channels rgb \\
+        --input-range '[-1,1]' --size dynamic --multiple 32 --mode person --smoothing 0.3
+
+The input is a video or image folder, ideally with alpha: the ``matting`` stage's ``rgba`` output
+(``matte_rgba.mkv``, BGRA lossless). ``mode``: ``person`` crops to the box around ``alpha >
+threshold`` (plus ``margin``), generates there and puts the result back only where alpha > 0, so
+every pixel outside the alpha keeps the input's exact colour (frames without a person pass through);
+``frame`` generates the whole frame; ``auto`` (default) is ``person`` when the input has alpha.
+
+The model's contract (``models/generator.py``: layout, channel order, value ranges, size, batch,
+condition input) comes from its manifest entry when ``model`` is a manifest name; the contract
+parameters below override it, or declare it for a plain ``.onnx`` path. It is checked against the
+model's real inputs and outputs before the first frame (``model_invalid`` on a mismatch, naming both).
+``docs/models.md`` shows how to plug in a public generator such as AnimeGANv2.
+
+``outputs`` (comma-separated; the FIRST is the next stage's input):
+
+| name | file | what |
+|---|---|---|
+| ``rgba`` | ``generated_rgba.mkv`` | generated colours + the input's alpha, UT Video BGRA (lossless), input's audio |
+| ``video`` | ``generated.mp4`` | the generated colours over the input frame under the alpha, H.264, input's audio |
+| ``rgba_png`` | ``generated_rgba/`` | as ``rgba``, an RGBA PNG sequence |
+
+``smoothing`` in [0, 0.95]: an exponential moving average of the generated pixels (0: off), against
+GAN flicker. ``provider``: as ``matting`` (``stages/inference.py``: auto = CUDA if available, else CPU;
+an explicit GPU provider that is missing fails with ``provider_unavailable``). Decoding (an ffmpeg
+process + the reader thread: crop, resize, tensor packing), inference and encoding run concurrently
+(``stages/framepipe.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.events import ErrorKind
+from stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, option, stage_main
+
+if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
+    from models.generator import GeneratorContract
+    from stages.framepipe import Sink
+    from stages.generator import Generator
+
+log = logging.getLogger(__name__)
+
+NAME = "generate"
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")  # stages.inference.PROVIDERS (checked by a test)
+MODES = ("auto", "person", "frame")
+#: output name -> (file or folder name, stages.video.Codec value, channels)
+OUTPUTS: dict[str, tuple[str, str, int]] = {
+    "rgba": ("generated_rgba.mkv", "utvideo", 4),
+    "video": ("generated.mp4", "h264", 3),
+    "rgba_png": ("generated_rgba", "png", 4),
+}
+
+PARAMS: dict[str, Param] = {
+    "model": Param(str, None, "generator model: a manifest name or an .onnx path (required)", kind=ParamKind.MODEL),
+    "mode": Param(str, "auto", "person (the alpha's box), frame (everything) or auto (person if the input has alpha)",
+                  choices=MODES),
+    "threshold": Param(int, 8, "alpha above this counts as the person (person mode)", minimum=0, maximum=254),
+    "margin": Param(float, 0.1, "person box margin, as a fraction of its longer side", minimum=0.0, maximum=2.0),
+    "fit": Param(str, "letterbox", "to the model's size: letterbox (keep aspect, pad) or resize (stretch)",
+                 choices=("letterbox", "resize")),
+    "max_side": Param(int, 0, "dynamic-size models: scale the crop's longer side down to this (0: as is)",
+                      minimum=0),
+    "smoothing": Param(float, 0.0, "temporal smoothing (EMA weight of the previous frame; 0: off)",
+                       minimum=0.0, maximum=0.95),
+    "provider": Param(str, "auto", "execution provider: auto, cpu, cuda or tensorrt", choices=PROVIDERS),
+    "threads": Param(int, 0, "onnxruntime intra-op threads (0: one per core)", minimum=0),
+    "outputs": Param(str, "rgba", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
+    "condition_video": Param(str, None, "video feeding the condition input when condition = video",
+                             kind=ParamKind.PATH),
+    # the contract (models/generator.py); unset: the manifest's, else the defaults
+    "input_name": Param(str, None, "contract: the image input's name (default: the first input)"),
+    "output_name": Param(str, None, "contract: the generated image output's name (default: the first output)"),
+    "layout": Param(str, None, "contract: nchw or nhwc (default nchw)", choices=("nchw", "nhwc")),
+    "channels": Param(str, None, "contract: rgb or bgr (default rgb)", choices=("rgb", "bgr")),
+    "input_range": Param(str, None, "contract: input value range, [0,1] (default), [-1,1] or [0,255]"),
+    "output_range": Param(str, None, "contract: output value range (default: the input range)"),
+    "dtype": Param(str, None, "contract: float32 (default), float16 or uint8",
+                   choices=("float32", "float16", "uint8")),
+    "size": Param(str, None, "contract: model (default: as the model declares), dynamic, or WxH"),
+    "multiple": Param(int, None, "contract: dynamic sizes are made a multiple of this (default 1)", minimum=1),
+    "batch": Param(int, None, "contract: frames per inference run (default 1)", minimum=1),
+    "condition_input": Param(str, None, "contract: name of a second (conditioning) image input"),
+    "condition": Param(str, None, "contract: what feeds condition_input: alpha (default) or video",
+                       choices=("alpha", "video")),
+}
+
+
+def _bad(name: str, message: str) -> StageError:
+    return StageError(ErrorKind.BAD_ARGUMENT, f"{option(name)}: {message}")
+
+
+def _coerce(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate keyword parameters exactly as argv values are (run() is called directly too)."""
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise StageError(ErrorKind.BAD_ARGUMENT, f"unknown parameter(s) for {NAME}: {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    for name, p in PARAMS.items():
+        try:
+            out[name] = p.coerce(params.get(name, p.default))
+        except ValueError as exc:
+            raise _bad(name, str(exc)) from None
+    if not out["model"]:
+        raise _bad("model", "required: a manifest name or an .onnx path")
+    names = tuple(n.strip() for n in out["outputs"].split(",") if n.strip())
+    if not names or any(n not in OUTPUTS for n in names) or len(set(names)) != len(names):
+        raise _bad("outputs", f"expected distinct names among {', '.join(OUTPUTS)}, got {out['outputs']!r}")
+    out["outputs"] = names
+    return out
+
+
+def resolve_contract(opts: dict[str, Any]) -> tuple[Path, GeneratorContract]:
+    """The model file and its contract: the manifest's (if any) with the contract parameters applied."""
+    from models import ModelError, ModelInvalidError, ModelMissingError, load_manifest, resolve
+    from models.generator import CONTRACT_KEYS, ContractError, GeneratorContract
+
+    try:
+        path = resolve(opts["model"])
+        spec = load_manifest().get(opts["model"])
+    except ModelMissingError as exc:
+        raise StageError(ErrorKind.MODEL_MISSING, str(exc)) from None
+    except (ModelInvalidError, ModelError) as exc:
+        raise StageError(ErrorKind.MODEL_INVALID, str(exc)) from None
+    overrides = {k: opts[k] for k in CONTRACT_KEYS if opts.get(k) is not None}
+    try:
+        return path, GeneratorContract.from_mapping(overrides, spec.generator if spec is not None else None)
+    except ContractError as exc:
+        raise StageError(ErrorKind.BAD_ARGUMENT, f"contract: {exc}") from None
+
+
+def _generator(path: Path, contract: GeneratorContract, opts: dict[str, Any],
+               cache: dict[str, Any] | None) -> Generator:
+    """A validated Generator; resident workers keep the last one in ``cache``."""
+    from stages.generator import Generator
+
+    key = f"{NAME}:{path.resolve()}:{path.stat().st_mtime_ns}:{contract}:{opts['provider']}:{opts['threads']}"
+    if cache is not None and key in cache:
+        cached: Generator = cache[key]
+        return cached
+    gen = Generator(path, contract, opts["provider"], threads=opts["threads"])
+    if cache is not None:
+        for old in [k for k in cache if k.startswith(f"{NAME}:")]:
+            del cache[old]
+        cache[key] = gen
+    return gen
+
+
+def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache: dict[str, Any] | None = None,
+        **params: Any) -> StageResult:
+    """Generate from ``input`` into ``output_dir``; see the module docstring."""
+    from stages.framepipe import run_frames
+    from stages.genframes import FramePass, frame_source
+    from stages.rgba import RgbaReader
+
+    events = events or StageEvents(NAME, None)
+    opts = _coerce(params)
+    model_path, contract = resolve_contract(opts)
+    input, output_dir = Path(input), Path(output_dir)
+    with RgbaReader(input) as reader, contextlib.ExitStack() as stack:
+        mode = opts["mode"] if opts["mode"] != "auto" else ("person" if reader.has_alpha else "frame")
+        if mode == "person" and not reader.has_alpha:
+            raise _bad("mode", f"person mode needs an input with alpha, and {input} has none (use the matting "
+                               "stage's rgba output, or --mode frame)")
+        condition = None
+        if contract.condition_input is not None and contract.condition == "video":
+            if not opts["condition_video"]:
+                raise _bad("condition_video", "the contract feeds the condition input from a video: name it")
+            condition = stack.enter_context(RgbaReader(opts["condition_video"]))
+        gen = _generator(model_path, contract, opts, cache)  # MODEL_INVALID here: before any output exists
+        if contract.batch > 1 and mode == "person" and gen.io.fixed_size is None:
+            raise _bad("batch", "batch > 1 in person mode needs a fixed size (crops differ per frame): declare size")
+        w, h, fps, expected = reader.width, reader.height, reader.fps, reader.frame_count
+        framer = FramePass(gen, mode, w, h, opts["threshold"], opts["margin"], opts["fit"], opts["max_side"],
+                           opts["smoothing"])
+        sinks = [_sink(name, input, output_dir, w, h, fps, reader.is_image_folder, stack) for name in opts["outputs"]]
+        events.started(input=str(input), frames=expected, fps=fps, width=w, height=h, model=opts["model"],
+                       provider=gen.provider, mode=mode, contract=contract.to_mapping(),
+                       model_size="dynamic" if gen.io.fixed_size is None else "{}x{}".format(*gen.io.fixed_size),
+                       smoothing=opts["smoothing"], outputs=list(opts["outputs"]), threads=opts["threads"])
+
+        def progress(n: int) -> None:
+            events.progress(n, expected if n <= expected else -1)
+
+        frames = run_frames(frame_source(reader, condition), framer.prepare, framer.process, sinks,
+                            batch=contract.batch, on_frame=progress, name=NAME)
+    if frames != expected:
+        log.info("%d frames (the container estimated %d)", frames, expected)
+        events.progress(frames, frames)
+    log.info("generated %d of %d frames (the others had no person)", framer.generated, frames)
+    return StageResult(outputs=tuple(output_dir / OUTPUTS[n][0] for n in opts["outputs"]), frames=frames)
+
+
+def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps: float, image_folder: bool,
+          stack: contextlib.ExitStack) -> Sink[Any]:
+    """Open the writer of one output (registered on ``stack``) and say how to fill it."""
+    import numpy as np
+
+    from stages.compositing import composite, to_bgra
+    from stages.framepipe import Sink
+    from stages.genframes import Generated
+    from stages.video import AudioSource, Codec, VideoWriter, has_audio
+
+    file, codec, channels = OUTPUTS[name]
+    audio = AudioSource(input) if codec != "png" and not image_folder and has_audio(input) else None
+    writer = stack.enter_context(
+        VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
+    out = np.empty((height, width, channels), np.uint8)  # write() has copied it into ffmpeg's pipe on return
+
+    def convert(g: Generated) -> np.ndarray:
+        if channels == 4:  # colours kept where alpha is 0: outside the person they are the input's, exactly
+            return to_bgra(g.colour, g.alpha, out, clear_transparent=False)
+        return composite(g.colour, g.alpha, g.original, out)
+    return Sink(name, writer, convert)
+
+
+def main() -> int:
+    return stage_main(NAME, PARAMS, run, doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
