@@ -41,7 +41,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
-from stages.stage import Param, StageError, StageEvents, StageResult, option, stage_main
+from stages.stage import (
+    Param,
+    StageError,
+    StageEvents,
+    StageResult,
+    bad_argument,
+    coerce_all,
+    option,
+    parse_outputs,
+    stage_main,
+)
 
 if TYPE_CHECKING:  # numpy / cv2 / ffmpeg helpers are imported in run()
     import numpy as np
@@ -72,10 +82,6 @@ PARAMS: dict[str, Param] = {
 }
 
 
-def _bad(name: str, message: str) -> StageError:
-    return StageError(ErrorKind.BAD_ARGUMENT, f"{option(name)}: {message}")
-
-
 def parse_position(text: str) -> tuple[float, float]:
     """``"[0.5,1]"`` or ``"0.5,1"`` -> (0.5, 1.0); BAD_ARGUMENT otherwise (brackets allow a leading -)."""
     import math
@@ -86,7 +92,7 @@ def parse_position(text: str) -> tuple[float, float]:
     except ValueError:
         x = y = math.nan
     if not (math.isfinite(x) and math.isfinite(y)):
-        raise _bad("position", f"expected [x,y] such as [0.5,0.5], got {text!r}")
+        raise bad_argument("position", f"expected [x,y] such as [0.5,0.5], got {text!r}")
     return x, y
 
 
@@ -94,31 +100,20 @@ def _coerce(params: dict[str, Any]) -> dict[str, Any]:
     """Validate keyword parameters exactly as argv values are (run() is called directly too)."""
     from models.generator import ContractError, parse_size
 
-    unknown = sorted(set(params) - set(PARAMS))
-    if unknown:
-        raise StageError(ErrorKind.BAD_ARGUMENT, f"unknown parameter(s) for {NAME}: {', '.join(unknown)}")
-    out: dict[str, Any] = {}
-    for name, p in PARAMS.items():
-        try:
-            out[name] = p.coerce(params.get(name, p.default))
-        except ValueError as exc:
-            raise _bad(name, str(exc)) from None
+    out = coerce_all(NAME, PARAMS, params)
     out["position"] = parse_position(out["position"])
-    names = tuple(n.strip() for n in out["outputs"].split(",") if n.strip())
-    if not names or any(n not in OUTPUTS for n in names) or len(set(names)) != len(names):
-        raise _bad("outputs", f"expected distinct names among {', '.join(OUTPUTS)}, got {out['outputs']!r}")
-    out["outputs"] = names
+    out["outputs"] = parse_outputs(out["outputs"], OUTPUTS)
     out["transparent"] = out["background"].strip().lower() in TRANSPARENT
-    if out["transparent"] and "video" in names:
-        raise _bad("outputs", "an H.264 video has no alpha: with background none write png or lossless")
+    if out["transparent"] and "video" in out["outputs"]:
+        raise bad_argument("outputs", "an H.264 video has no alpha: with background none write png or lossless")
     size = out["size"].strip().lower()
     if size not in ("input", "background"):
         try:
             out["size"] = parse_size(size, "size")
         except ContractError as exc:
-            raise _bad("size", f"expected input, background or WxH; {exc}") from None
+            raise bad_argument("size", f"expected input, background or WxH; {exc}") from None
         if isinstance(out["size"], str):
-            raise _bad("size", f"expected input, background or WxH, got {size!r}")
+            raise bad_argument("size", f"expected input, background or WxH, got {size!r}")
     else:
         out["size"] = size
     return out
@@ -157,7 +152,7 @@ def _audio(opts: dict[str, Any], input: Path, image_folder: bool, duration: floa
     elif choice.lower() == "background":
         source = None if opts["transparent"] else Path(opts["background"].strip()).expanduser()
         if source is None or not source.is_file():
-            raise _bad("audio", f"the background {opts['background']!r} is not a file that can hold audio")
+            raise bad_argument("audio", f"the background {opts['background']!r} is not a file that can hold audio")
     else:
         source = Path(choice).expanduser()
         if not source.is_file():

@@ -40,7 +40,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
-from stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, option, stage_main
+from stages.stage import (
+    Param,
+    ParamKind,
+    StageError,
+    StageEvents,
+    StageResult,
+    bad_argument,
+    coerce_all,
+    parse_outputs,
+    stage_main,
+)
 
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     from models.generator import GeneratorContract
@@ -94,27 +104,12 @@ PARAMS: dict[str, Param] = {
 }
 
 
-def _bad(name: str, message: str) -> StageError:
-    return StageError(ErrorKind.BAD_ARGUMENT, f"{option(name)}: {message}")
-
-
 def _coerce(params: dict[str, Any]) -> dict[str, Any]:
     """Validate keyword parameters exactly as argv values are (run() is called directly too)."""
-    unknown = sorted(set(params) - set(PARAMS))
-    if unknown:
-        raise StageError(ErrorKind.BAD_ARGUMENT, f"unknown parameter(s) for {NAME}: {', '.join(unknown)}")
-    out: dict[str, Any] = {}
-    for name, p in PARAMS.items():
-        try:
-            out[name] = p.coerce(params.get(name, p.default))
-        except ValueError as exc:
-            raise _bad(name, str(exc)) from None
+    out = coerce_all(NAME, PARAMS, params)
     if not out["model"]:
-        raise _bad("model", "required: a manifest name or an .onnx path")
-    names = tuple(n.strip() for n in out["outputs"].split(",") if n.strip())
-    if not names or any(n not in OUTPUTS for n in names) or len(set(names)) != len(names):
-        raise _bad("outputs", f"expected distinct names among {', '.join(OUTPUTS)}, got {out['outputs']!r}")
-    out["outputs"] = names
+        raise bad_argument("model", "required: a manifest name or an .onnx path")
+    out["outputs"] = parse_outputs(out["outputs"], OUTPUTS)
     return out
 
 
@@ -168,16 +163,17 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
     with RgbaReader(input) as reader, contextlib.ExitStack() as stack:
         mode = opts["mode"] if opts["mode"] != "auto" else ("person" if reader.has_alpha else "frame")
         if mode == "person" and not reader.has_alpha:
-            raise _bad("mode", f"person mode needs an input with alpha, and {input} has none (use the matting "
+            raise bad_argument("mode", f"person mode needs an input with alpha, and {input} has none (use the matting "
                                "stage's rgba output, or --mode frame)")
         condition = None
         if contract.condition_input is not None and contract.condition == "video":
             if not opts["condition_video"]:
-                raise _bad("condition_video", "the contract feeds the condition input from a video: name it")
+                raise bad_argument("condition_video", "the contract feeds the condition input from a video: name it")
             condition = stack.enter_context(RgbaReader(opts["condition_video"]))
         gen = _generator(model_path, contract, opts, cache)  # MODEL_INVALID here: before any output exists
         if contract.batch > 1 and mode == "person" and gen.io.fixed_size is None:
-            raise _bad("batch", "batch > 1 in person mode needs a fixed size (crops differ per frame): declare size")
+            raise bad_argument("batch", "batch > 1 in person mode needs a fixed size (crops differ per frame): "
+                               "declare size")
         w, h, fps, expected = reader.width, reader.height, reader.fps, reader.frame_count
         framer = FramePass(gen, mode, w, h, opts["threshold"], opts["margin"], opts["fit"], opts["max_side"],
                            opts["smoothing"])

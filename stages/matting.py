@@ -38,7 +38,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
-from stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, bad_argument, coerce_all, stage_main
+from stages.stage import (
+    Param,
+    ParamKind,
+    StageError,
+    StageEvents,
+    StageResult,
+    bad_argument,
+    coerce_all,
+    stage_main,
+)
+from stages.stage import parse_outputs as stage_parse_outputs
 
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     import numpy as np
@@ -91,15 +101,7 @@ def _coerce(params: dict[str, Any]) -> dict[str, Any]:
 
 def parse_outputs(text: str) -> tuple[str, ...]:
     """``"alpha,composite"`` -> ("alpha", "composite"); BAD_ARGUMENT for unknown, repeated or none."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise bad_argument("outputs", f"name at least one of {', '.join(OUTPUTS)}")
-    for n in names:
-        if n not in OUTPUTS:
-            raise bad_argument("outputs", f"unknown output {n!r}; expected some of {', '.join(OUTPUTS)}")
-    if len(set(names)) != len(names):
-        raise bad_argument("outputs", f"an output is named twice in {text!r}")
-    return names
+    return stage_parse_outputs(text, OUTPUTS)
 
 
 def resolve_model(name: str) -> tuple[Path, Any]:

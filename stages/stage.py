@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -221,6 +221,24 @@ def stop_on_signals() -> None:
 def bad_argument(name: str, message: str) -> StageError:
     """A BAD_ARGUMENT error naming the parameter's option (``--trim-start: must be >= 0``)."""
     return StageError(ErrorKind.BAD_ARGUMENT, f"{option(name)}: {message}")
+
+
+def parse_outputs(text: str, known: Iterable[str]) -> tuple[str, ...]:
+    """A stage's ``outputs`` parameter: ``"alpha,composite"`` -> ("alpha", "composite").
+
+    BAD_ARGUMENT for an unknown, repeated or missing name. The order matters: the first output is
+    the next stage's input.
+    """
+    known = tuple(known)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise bad_argument("outputs", f"name at least one of {', '.join(known)}")
+    for n in names:
+        if n not in known:
+            raise bad_argument("outputs", f"unknown output {n!r}; expected some of {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise bad_argument("outputs", f"an output is named twice in {text!r}")
+    return names
 
 
 def coerce_all(name: str, params: Mapping[str, Param], values: Mapping[str, Any]) -> dict[str, Any]:
