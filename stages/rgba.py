@@ -37,7 +37,7 @@ import numpy as np
 
 from stages.events import ErrorKind
 from stages.stage import StageError
-from stages.video import VideoInputError, list_images, probe
+from stages.video import VideoInputError, convert_image, decode_image, list_images, probe
 from stages.videowriter import NO_WINDOW, ffmpeg_exe
 
 __all__ = ["RgbaReader", "has_alpha_format", "to_bgra8"]
@@ -75,16 +75,7 @@ def to_bgra8(image: np.ndarray) -> np.ndarray:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    try:
-        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    except (OSError, cv2.error) as exc:
-        raise VideoInputError(ErrorKind.INPUT_INVALID, f"{path}: cannot read image: {exc}") from None
-    if image is None:
-        raise VideoInputError(ErrorKind.INPUT_INVALID, f"{path}: not a readable image")
-    try:
-        return to_bgra8(image)
-    except ValueError as exc:
-        raise VideoInputError(ErrorKind.INPUT_INVALID, f"{path}: {exc}") from None
+    return convert_image(path, decode_image(path), to_bgra8)
 
 
 class RgbaReader:
@@ -105,10 +96,10 @@ class RgbaReader:
         self._images = list_images(self.path) if self.path.is_dir() else []
         self.is_image_folder = bool(self._images)
         if self._images:
-            first = _read_image(self._images[0])
+            raw = decode_image(self._images[0])
+            first = convert_image(self._images[0], raw, to_bgra8)
             self.height, self.width = first.shape[:2]
-            raw = cv2.imdecode(np.fromfile(self._images[0], dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-            self.has_alpha = raw is not None and raw.ndim == 3 and raw.shape[2] in (2, 4)
+            self.has_alpha = raw.ndim == 3 and raw.shape[2] in (2, 4)
             self.fps, self.frame_count = float(image_fps), len(self._images)
             return
         info = probe(self.path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +31,22 @@ from stages.videowriter import (
 )
 
 __all__ = [
-    "IMAGE_SUFFIXES", "AudioSource", "Codec", "VideoInfo", "VideoInputError", "VideoOutputError", "VideoReader",
-    "VideoWriter", "fps_fraction", "has_audio", "list_images", "probe", "read_image", "to_bgr8",
+    "IMAGE_SUFFIXES",
+    "AudioSource",
+    "Codec",
+    "VideoInfo",
+    "VideoInputError",
+    "VideoOutputError",
+    "VideoReader",
+    "VideoWriter",
+    "convert_image",
+    "decode_image",
+    "fps_fraction",
+    "has_audio",
+    "list_images",
+    "probe",
+    "read_image",
+    "to_bgr8",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,8 +97,11 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read one image as BGR uint8; via imdecode so non-ASCII paths work on Windows too."""
+def decode_image(path: Path) -> np.ndarray:
+    """One image as stored (gray / BGR / BGRA, 8 or 16 bit); JPEGs turned by their EXIF orientation.
+
+    Via imdecode, so non-ASCII paths work on Windows too. The one decode path of both readers.
+    """
     suffix = path.suffix.lower()
     if suffix == ".exr" and not cv2.haveImageReader(str(path)):
         raise VideoInputError(
@@ -98,10 +115,20 @@ def read_image(path: Path) -> np.ndarray:
         raise VideoInputError(ErrorKind.INPUT_INVALID, f"{path}: cannot read image: {exc}") from None
     if image is None:
         raise VideoInputError(ErrorKind.INPUT_INVALID, f"{path}: not a readable image")
+    return image
+
+
+def convert_image(path: Path, image: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``convert(image)`` (e.g. to_bgr8), its ValueError turned into INPUT_INVALID naming ``path``."""
     try:
-        return to_bgr8(image)
+        return convert(image)
     except ValueError as exc:
         raise VideoInputError(ErrorKind.INPUT_INVALID, f"{path}: {exc}") from None
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read one image as BGR uint8."""
+    return convert_image(path, decode_image(path), to_bgr8)
 
 
 class VideoReader:

@@ -476,3 +476,25 @@ def test_probe_errors_and_folders(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "empty" / "img2.png"), np.zeros((24, 32, 3), np.uint8))
     info = probe(tmp_path / "empty")
     assert (info.width, info.height, info.frames, info.fps, info.has_audio) == (32, 24, 2, None, False)
+
+
+def test_bgr_and_rgba_readers_agree_on_an_image_folder(tmp_path: Path) -> None:
+    """Both readers decode images through one path (stages.video.decode_image)."""
+    from stages.rgba import RgbaReader
+
+    rng = np.random.default_rng(4)
+    written = [rng.integers(0, 256, (24, 32, 4), dtype=np.uint8) for _ in range(3)]
+    for i, bgra in enumerate(written):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), bgra)
+    with VideoReader(tmp_path) as bgr_reader:
+        bgr = list(bgr_reader)
+    rgba_reader = RgbaReader(tmp_path)
+    try:
+        rgba = list(rgba_reader)
+        assert rgba_reader.has_alpha
+    finally:
+        rgba_reader.close()
+    assert len(bgr) == len(rgba) == 3
+    for a, b, w in zip(bgr, rgba, written, strict=True):
+        assert np.array_equal(b, w)  # PNG alpha kept exactly
+        assert np.array_equal(a, cv2.cvtColor(b, cv2.COLOR_BGRA2BGR))
