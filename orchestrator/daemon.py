@@ -23,14 +23,29 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import commands, defaults
-from orchestrator.journal import JobRecord, Journal
+from orchestrator.journal import JobRecord, Journal, JournalError
 from orchestrator.pipeline import PipelineFile, describe
 from orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
 from orchestrator.transport import DatagramQueue, EventSocket
+from orchestrator.worker import ProcessRegistry, reap_leftovers
 from orchestrator.worker_pool import WorkerPool
-from stages.events import Event, EventError, EventSpec, MalformedPacket, UnknownAddress, decode, encode
+from stages.events import PREFIX, Event, EventError, EventSpec, MalformedPacket, UnknownAddress, decode, encode
 
 log = logging.getLogger(__name__)
+
+
+_MAX_PORT = 65535
+_PROCESSES = "processes"  # under --state: the stage processes running now (orchestrator.worker.ProcessRegistry)
+
+
+def _readable_head(exc: EventError, peer: tuple[str, int]) -> tuple[str, str, tuple[str, int]]:
+    """From a Command that could not be decoded, what can still be read: its tag, its command name
+    and where to reply (its reply port when that is a valid one, else the sender's port)."""
+    params = exc.params
+    tag = params[0] if params and isinstance(params[0], str) else ""
+    port = params[1] if len(params) > 1 and isinstance(params[1], int) and not isinstance(params[1], bool) else 0
+    command = exc.address.removeprefix(PREFIX + "/")
+    return tag, command, (peer[0], port if 0 < port <= _MAX_PORT else peer[1])
 
 
 class DaemonError(Exception):
@@ -83,18 +98,34 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self.subscribers: frozenset[tuple[str, int]] = frozenset()  # replaced, never mutated: job threads read it
         self.socket = EventSocket(commands.COMMANDS, config.host, config.port, peers=config.allow or None)
-        self.pool = WorkerPool(config.state_dir / "workers", max_jobs=config.worker_max_jobs,
-                               max_rss=config.worker_max_rss)
         try:
             self.journal = Journal(config.state_dir / "journal.sqlite3")
+            # Stage processes a previous daemon left when it was killed hard (their parent watch stops
+            # them within seconds; this is for any that could not notice): killed before anything starts.
+            leftovers = reap_leftovers(config.state_dir / _PROCESSES)
+            if leftovers:
+                log.warning("killed %d stage process(es) left by the previous daemon: %s", len(leftovers),
+                            leftovers)
+            self.pool = WorkerPool(config.state_dir / "workers", max_jobs=config.worker_max_jobs,
+                                   max_rss=config.worker_max_rss,
+                                   registry=ProcessRegistry(config.state_dir / _PROCESSES))
+        except (JournalError, OSError) as exc:  # one clear sentence, not a traceback
+            if "journal" in vars(self):
+                self.journal.close()
+            self.socket.close()
+            raise DaemonError(f"cannot start: {exc}") from None
+        try:
             self.scheduler = Scheduler(pipelines, self.journal, self._job_event,
                                        config.slots or defaults.SLOTS, config.roots or (Path.cwd(),),
                                        config.max_queue, config.policy, pool=self.pool)
             for stage in config.warm:
                 self.pool.warm(stage)
-        except Exception:
+        except BaseException as exc:
             self.pool.stop()
+            self.journal.close()
             self.socket.close()
+            if isinstance(exc, JournalError):  # e.g. recovery could not journal its decisions
+                raise DaemonError(f"cannot start: {exc}") from None
             raise
         self._pipelines_json = json.dumps(describe(pipelines), separators=(",", ":"))
 
@@ -136,7 +167,18 @@ class Daemon:
     # --- in -------------------------------------------------------------------------------------
 
     def handle(self, data: bytes, peer: tuple[str, int]) -> None:
-        """One datagram: decode, dispatch through the table, reply. Never raises."""
+        """One datagram: decode, dispatch through the table, reply.
+
+        Never raises: whatever goes wrong with one datagram (a hostile reply port, a handler bug, a
+        reply that cannot be encoded) is counted and logged, and the daemon serves the next one.
+        """
+        try:
+            self._handle(data, peer)
+        except Exception:
+            self.counters["internal"] += 1
+            log.exception("a datagram from %s:%s could not be handled", peer[0], peer[1])
+
+    def _handle(self, data: bytes, peer: tuple[str, int]) -> None:
         self.counters["datagrams"] += 1
         if len(data) > defaults.MAX_COMMAND_BYTES:
             self.counters["oversized"] += 1
@@ -149,27 +191,31 @@ class Daemon:
             self.counters["malformed"] += 1
             log.warning("malformed datagram from %s: %s", peer[0], exc)
             return
-        except UnknownAddress as exc:
-            self.counters["unknown"] += 1
-            self._refuse(peer, "", "", Refusal.UNKNOWN_COMMAND, str(exc))
-            return
-        except EventError as exc:
-            self.counters["bad_arguments"] += 1
-            self._refuse(peer, "", "", Refusal.BAD_ARGUMENTS, str(exc))
+        except EventError as exc:  # an unknown address, or the wrong arguments for a known one
+            unknown = isinstance(exc, UnknownAddress)
+            self.counters["unknown" if unknown else "bad_arguments"] += 1
+            tag, command, to = _readable_head(exc, peer)
+            self._refuse(to, tag, command, Refusal.UNKNOWN_COMMAND if unknown else Refusal.BAD_ARGUMENTS, str(exc))
             return
         for event in events:
             self.counters["commands"] += 1
+            tag, command = event["tag"], event.spec.name
+            if not 0 <= event["reply_port"] <= _MAX_PORT:
+                self.counters["bad_arguments"] += 1
+                self._refuse(peer, tag, command, Refusal.BAD_ARGUMENTS,
+                             f"reply_port must be 0 (the sender's port) or 1..{_MAX_PORT}, got {event['reply_port']}")
+                continue
             reply_to = (peer[0], event["reply_port"] or peer[1])
             try:
                 replies = commands.TABLE[event.spec.address](self, event, reply_to)
             except JobRefused as exc:
                 self.counters["refused"] += 1
-                self._refuse(reply_to, event["tag"], event.spec.name, exc.reason, exc.message)
+                self._refuse(reply_to, tag, command, exc.reason, exc.message)
                 continue
             except Exception as exc:  # a handler bug must not stop the daemon
-                log.exception("command %s failed", event.spec.name)
-                self._refuse(reply_to, event["tag"], event.spec.name, Refusal.BAD_ARGUMENTS,
-                             f"internal error: {exc}")
+                self.counters["internal"] += 1
+                log.exception("command %s failed", command)
+                self._refuse(reply_to, tag, command, Refusal.BAD_ARGUMENTS, f"internal error: {exc}")
                 continue
             for spec, fields in replies:
                 self._send(spec, fields, {reply_to})
@@ -189,9 +235,13 @@ class Daemon:
                 for data, peer in inbox.get(0.1):
                     self.handle(data, peer)
                 if self.clock() >= next_beat:
-                    self.scheduler.dispatch()  # e.g. keep_running restarts whose backoff has passed
-                    self.heartbeat()
                     next_beat = self.clock() + self.config.heartbeat
+                    try:
+                        self.scheduler.dispatch()  # e.g. keep_running restarts whose backoff has passed
+                        self.heartbeat()
+                    except Exception:  # contained like a datagram: the daemon keeps serving
+                        self.counters["internal"] += 1
+                        log.exception("dispatch or heartbeat failed")
         finally:
             inbox.stop()
             self.counters["dropped"] += inbox.dropped

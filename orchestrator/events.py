@@ -19,10 +19,11 @@ JOB_STAGE_FAILED = spec_of(
 JOB_DONE = spec_of("job/done", "job:s seconds:f", tail="outputs")
 JOB_FAILED = spec_of("job/failed", "job:s index:i stage:s exit_code:i kind:s message:s")
 JOB_CANCELLED = spec_of("job/cancelled", "job:s index:i stage:s")
+JOB_WARNING = spec_of("job/warning", "job:s index:i stage:s kind:s message:s")
 
 JOB_EVENTS = (
     JOB_QUEUED, JOB_STARTED, JOB_STAGE_STARTED, JOB_PROGRESS, JOB_STAGE_DONE, JOB_STAGE_FAILED,
-    JOB_DONE, JOB_FAILED, JOB_CANCELLED,
+    JOB_DONE, JOB_FAILED, JOB_CANCELLED, JOB_WARNING,
 )
 
 #: exit_code value when a stage never ran or its code is unknown.

@@ -4,7 +4,9 @@ Each stage runs as a Worker in the Job's work folder and reports to a UDP socket
 127.0.0.1. A stage attempt succeeds only if it exits 0 *and* sent ``done`` naming outputs that
 exist; anything else (crash, signal, timeout, stall, no ``done``) becomes one ``stage_failed`` Event
 carrying the exit code and the tail of the stage's log. Final outputs are published only after the
-last stage succeeded, each by an atomic rename, so no partial file ever sits at a final path.
+last stage succeeded, all or nothing and each by an atomic rename (``publish_all``), so no partial
+file or partial set ever sits at the final paths. A Job that sent ``started`` always ends with
+exactly one of ``done``, ``failed``, ``cancelled``, whatever fails in the launcher.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -37,7 +39,7 @@ from orchestrator.events import (
 )
 from orchestrator.pipeline import Pipeline, Stage
 from orchestrator.transport import EventSocket
-from orchestrator.worker import Task, Worker, WorkerError, stage_env
+from orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
 from orchestrator.worker_pool import ResidentTask, WorkerPool
 from stages import STAGES
 from stages.events import STAGE_EVENTS, ErrorKind, Event, EventSpec
@@ -94,30 +96,129 @@ def new_job_id(now: Callable[[], datetime] = datetime.now) -> str:
     return f"{now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-def publish(src: Path, dst: Path) -> Path:
-    """Move ``src`` (a file, or a folder such as a PNG sequence) to ``dst`` atomically.
+class PublishError(OSError):
+    """Publishing failed and was rolled back; ``index`` is the (src, dst) pair that failed."""
 
-    It is moved (or copied, across file systems) to a hidden temp name beside ``dst`` first, then
-    renamed. A folder already at ``dst`` is renamed aside and removed after the new one is in place
-    (folders cannot be replaced in one rename on every OS).
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    part = dst.with_name(f".{dst.name}.part")
-    old = dst.with_name(f".{dst.name}.old")
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass
+class _Output:
+    """One output being published, and how far it got (what a rollback must undo)."""
+
+    src: Path
+    dst: Path
+    part: Path  # hidden temporary beside dst: same file system, so phase 2 is renames only
+    copied: bool = False  # phase 1 copied src (another file system) instead of renaming it
+    staged: bool = False  # part holds the whole output
+    old: Path | None = None  # the previous output at dst, renamed aside in phase 2
+    placed: bool = False  # part was renamed to dst
+
+
+def _beside(dst: Path, tag: str) -> Path:
+    return dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.{tag}")
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder (a PNG sequence); a missing one is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _stage(src: Path, part: Path) -> bool:
+    """Put ``src`` at ``part``: a rename on one file system, else a copy that leaves ``src`` in place
+    (so a failed publish keeps it in the work folder). Returns whether it copied."""
     try:
-        shutil.move(str(src), str(part))
-        if dst.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-        os.replace(part, dst)
-    except BaseException:
-        if part.is_dir():
-            shutil.rmtree(part, ignore_errors=True)
-        else:
-            part.unlink(missing_ok=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return dst
+        os.rename(src, part)
+        return False
+    except OSError:  # EXDEV (another file system), or a rename this file system refuses: copy
+        pass
+    if src.is_dir():
+        shutil.copytree(src, part, copy_function=shutil.copy2)
+    else:
+        shutil.copy2(src, part)
+    return True
+
+
+def _roll_back(outputs: list[_Output]) -> list[str]:
+    """Undo a partial publish, last output first: previous outputs back at their final paths, renamed
+    sources back in the work folder, copies removed. Returns what could not be undone."""
+    problems: list[str] = []
+    for out in reversed(outputs):
+        try:
+            if out.placed:
+                os.rename(out.dst, out.part)
+                out.placed = False
+            if out.old is not None:
+                os.rename(out.old, out.dst)
+                out.old = None
+        except OSError as exc:
+            problems.append(f"{out.dst}: {exc}" + (f" (previous output kept at {out.old})" if out.old else ""))
+        if out.placed:  # the new output could not be taken back: nothing is at out.part
+            continue
+        try:
+            if out.staged and not out.copied:
+                try:
+                    os.rename(out.part, out.src)
+                    continue
+                except OSError:
+                    log.warning("cannot move %s back to %s; removing it", out.part, out.src, exc_info=True)
+            if os.path.lexists(out.part):
+                _remove(out.part)
+        except OSError as exc:
+            problems.append(f"{out.part}: {exc}")
+    return problems
+
+
+def publish_all(pairs: Sequence[tuple[Path, Path]]) -> list[Path]:
+    """Publish each ``(src, dst)`` pair (files, or folders such as PNG sequences): all or nothing.
+
+    Phase 1 puts every source at a hidden temporary beside its final path (a rename, or a copy across
+    file systems, where a full disk shows). Phase 2 renames any previous output aside (a folder cannot
+    be replaced in one rename on every OS) and each temporary into place. On any failure both phases
+    are undone — previous outputs restored, nothing new at a final path, no temporary left — and
+    ``PublishError`` names the output and the error. Previous outputs are deleted only at the end.
+    """
+    outputs = [_Output(src, dst, _beside(dst, "part")) for src, dst in pairs]
+    failed = 0
+    try:
+        for failed, out in enumerate(outputs):  # noqa: B007 - read in the except clause
+            out.dst.parent.mkdir(parents=True, exist_ok=True)
+            out.copied = _stage(out.src, out.part)
+            out.staged = True
+        for failed, out in enumerate(outputs):  # noqa: B007
+            if os.path.lexists(out.dst):
+                old = _beside(out.dst, "old")
+                os.rename(out.dst, old)
+                out.old = old
+            os.replace(out.part, out.dst)
+            out.placed = True
+    except BaseException as exc:
+        problems = _roll_back(outputs)
+        if not isinstance(exc, Exception):
+            raise
+        out = outputs[failed]
+        message = f"cannot publish {out.src.name} as {out.dst}: {exc}; nothing was published"
+        if problems:
+            message += f"; rollback incomplete: {'; '.join(problems)}"
+        raise PublishError(message, failed) from exc
+    for out in outputs:  # committed: what is left is cleanup, whose failure only leaves a hidden file
+        for leftover in (out.old, out.src if out.copied else None):
+            if leftover is not None:
+                try:
+                    _remove(leftover)
+                except OSError:
+                    log.warning("cannot remove %s", leftover, exc_info=True)
+    return [out.dst for out in outputs]
+
+
+def publish(src: Path, dst: Path) -> Path:
+    """Move ``src`` (a file, or a folder such as a PNG sequence) to ``dst`` atomically (``publish_all``)."""
+    return publish_all([(src, dst)])[0]
 
 
 class Job:
@@ -134,6 +235,7 @@ class Job:
         cancel: threading.Event | None = None,
         keep_work: bool = False,
         pool: WorkerPool | None = None,
+        registry: ProcessRegistry | None = None,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pipeline = pipeline
@@ -146,10 +248,15 @@ class Job:
         self.cancel = cancel or threading.Event()
         self.keep_work = keep_work
         self.pool = pool  # resident Workers for stages marked warm (the daemon's); None: always cold
+        # Where started stage processes are recorded for reap_leftovers; by default the pool's.
+        self.registry = registry if registry is not None else (pool.registry if pool is not None else None)
         self.now = now
         self.work_dir = self.out_dir / defaults.WORK_DIR_NAME / self.job_id
+        self._ended = False  # a terminal Event (done, failed, cancelled) was emitted
 
     def _emit(self, spec: EventSpec, **fields: Any) -> None:
+        if spec in (JOB_DONE, JOB_FAILED, JOB_CANCELLED):
+            self._ended = True
         self.sink(Event(spec, {"job": self.job_id, **fields}))
 
     def reject(self, kind: ErrorKind, message: str) -> JobResult:
@@ -167,27 +274,45 @@ class Job:
         started = self.now()
         n = len(self.pipeline.stages)
         self._emit(JOB_STARTED, pipeline=self.pipeline.name, input=str(self.input), stages=n)
-        sock = EventSocket(STAGE_EVENTS)
+        index = 0
         try:
-            current = self.input.resolve()
-            to_publish: list[Path] = []
-            for index, stage in enumerate(self.pipeline.stages):
-                attempt = self._stage(sock, index, stage, current)
-                if not attempt.ok:
-                    return self._finish_failed(index, stage, attempt)
-                current = attempt.outputs[0]
-                if stage.keep or index == n - 1:
-                    to_publish.extend(attempt.outputs)
-            outputs = [self._publish(p) for p in to_publish]
-        finally:
-            sock.close()
-        if not self.keep_work:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-        self._emit(JOB_DONE, seconds=self.now() - started, outputs=[str(p) for p in outputs])
-        return JobResult(self.job_id, JobState.DONE, outputs, work_dir=self.work_dir)
+            sock = EventSocket(STAGE_EVENTS)
+            try:
+                current = self.input.resolve()
+                to_publish: list[tuple[int, Path]] = []  # (index of the stage that made it, output)
+                for index, stage in enumerate(self.pipeline.stages):
+                    attempt = self._stage(sock, index, stage, current)
+                    if not attempt.ok:
+                        return self._finish_failed(index, stage, attempt)
+                    current = attempt.outputs[0]
+                    if stage.keep or index == n - 1:
+                        to_publish.extend((index, p) for p in attempt.outputs)
+            finally:
+                sock.close()
+            try:
+                outputs = publish_all([(p, self._destination(p)) for _, p in to_publish])
+            except PublishError as exc:
+                return self._fail(to_publish[exc.index][0], ErrorKind.OUTPUT_ERROR, str(exc))
+            if not self.keep_work:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            self._emit(JOB_DONE, seconds=self.now() - started, outputs=[str(p) for p in outputs])
+            return JobResult(self.job_id, JobState.DONE, outputs, work_dir=self.work_dir)
+        except Exception as exc:  # no socket, a full disk, a bug: the Job still ends with one Event
+            if self._ended:
+                raise  # the terminal Event is out (the sink itself failed): never a second one
+            log.exception("job %s: launcher error", self.job_id)
+            return self._fail(index, ErrorKind.INTERNAL, f"launcher error: {type(exc).__name__}: {exc}")
 
-    def _publish(self, src: Path) -> Path:
-        return publish(src, self.out_dir / f"{self.input.stem}_{src.name}")
+    def _destination(self, src: Path) -> Path:
+        """The final path of output ``src``: ``<out>/<input stem>_<output name>``."""
+        return self.out_dir / f"{self.input.stem}_{src.name}"
+
+    def _fail(self, index: int, kind: ErrorKind, message: str) -> JobResult:
+        """End with ``job/failed`` after the stages' own checks passed (publishing, a launcher error):
+        there is no stage exit code to blame. The work folder stays, for diagnosis."""
+        stage = self.pipeline.stages[index].name
+        self._emit(JOB_FAILED, index=index, stage=stage, exit_code=NO_EXIT_CODE, kind=kind.value, message=message)
+        return JobResult(self.job_id, JobState.FAILED, [], NO_EXIT_CODE, kind, message, index, self.work_dir)
 
     def _finish_failed(self, index: int, stage: Stage, attempt: Attempt) -> JobResult:
         kind = attempt.kind or ErrorKind.INTERNAL
@@ -270,7 +395,7 @@ class Job:
                 raise WorkerError(f"the resident {stage.name} worker died before taking the job")
             return ResidentTask(self.pool, resident, self.now)
         worker = Worker(self.argv(stage, source, out, port), out, self.work_dir / f"{tag}.log",
-                        env=stage_env(), now=self.now)
+                        env=stage_env(), now=self.now, registry=self.registry)
         worker.start()
         return worker
 
@@ -328,6 +453,10 @@ class Job:
             except ValueError:
                 kind = ErrorKind.INTERNAL
             result.reported = (kind, event["message"])
+        elif name == "stage/warning":  # relayed as it comes, also from an attempt that fails later
+            from orchestrator.events import JOB_WARNING
+
+            self._emit(JOB_WARNING, index=index, stage=stage.name, kind=event["kind"], message=event["message"])
 
 
 def _describe_exit(code: int) -> str:

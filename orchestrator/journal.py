@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 
+# The one row of ``opened``: written at every start, to prove the journal is writable.
+_PROBE = """
+CREATE TABLE IF NOT EXISTS opened (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+INSERT OR REPLACE INTO opened VALUES (1, julianday('now'));
+"""
+
 
 @dataclass
 class JobRecord:
@@ -66,34 +72,69 @@ class JobRecord:
         return self.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED)
 
 
+class JournalError(Exception):
+    """The journal cannot be opened, is corrupt, or cannot be written; the message says which and where."""
+
+
 class Journal:
+    """Opening checks the file completely (readable, intact, writable) so a daemon refuses to start
+    on a journal it could not keep, instead of failing at its first job."""
+
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot open the journal {path}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            problems = [row[0] for row in self._db.execute("PRAGMA integrity_check").fetchall()]
+            if problems != ["ok"]:
+                raise JournalError(f"the journal {path} is corrupt ({problems[0]}); move it aside to start with "
+                                   "an empty one (its jobs are then forgotten)")
+            self._db.execute(_SCHEMA)
+            self._db.executescript(_PROBE)  # a real write: a read-only file fails here, not at the first job
+        except sqlite3.Error as exc:
+            self._db.close()
+            if any(word in str(exc) for word in ("not a database", "malformed")):
+                raise JournalError(f"the journal {path} is corrupt ({exc}); move it aside to start with an empty "
+                                   "one (its jobs are then forgotten)") from None
+            raise JournalError(f"the journal {path} cannot be written ({exc}); check the permissions and free "
+                               "space of its folder (--state)") from None
+        except JournalError:
+            self._db.close()
+            raise
 
     def save(self, r: JobRecord) -> None:
+        """Write one record now; JournalError if it cannot be written (the caller decides what it means)."""
         row = (r.id, r.seq, r.pipeline, r.input, json.dumps(r.sets), r.priority, r.state.value, r.created,
                r.updated, r.index, r.overall, r.message, json.dumps(r.outputs), r.tag,
                json.dumps(r.reply_to), r.restarts)
-        with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO jobs VALUES ({','.join('?' * len(row))})", row)
+        try:
+            with self._lock:
+                self._db.execute(f"INSERT OR REPLACE INTO jobs VALUES ({','.join('?' * len(row))})", row)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot write the journal {self.path}: {exc}") from None
 
     def load(self) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
-        out = []
-        for row in rows:
-            (id_, seq, pipeline, input_, sets, priority, state, created, updated, index, overall, message,
-             outputs, tag, reply_to, restarts) = row
-            reply = json.loads(reply_to)
-            out.append(JobRecord(id_, seq, pipeline, input_, tuple(json.loads(sets)), priority, JobState(state),
-                                 created, updated, index, overall, message, tuple(json.loads(outputs)), tag,
-                                 (reply[0], reply[1]) if reply else None, restarts))
+        try:
+            with self._lock:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+            out = []
+            for row in rows:
+                (id_, seq, pipeline, input_, sets, priority, state, created, updated, index, overall, message,
+                 outputs, tag, reply_to, restarts) = row
+                reply = json.loads(reply_to)
+                out.append(JobRecord(id_, seq, pipeline, input_, tuple(json.loads(sets)), priority,
+                                     JobState(state), created, updated, index, overall, message,
+                                     tuple(json.loads(outputs)), tag, (reply[0], reply[1]) if reply else None,
+                                     restarts))
+        except (sqlite3.Error, ValueError, TypeError, IndexError) as exc:
+            raise JournalError(f"the journal {self.path} holds a job it cannot read ({exc}); move it aside to "
+                               "start with an empty one") from None
         return out
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ without reading code. Nothing is started before the whole file validates.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -108,19 +109,49 @@ def coerce_params(
     return out
 
 
+def named_file(param: Param, value: Any) -> Path | None:
+    """The file a parameter value names, or None when it names none (a plain parameter, a colour or
+    keyword of a MEDIA parameter, a manifest model name, unset).
+
+    The one rule behind anchoring relative paths, the daemon's ``--root`` check and ``cuepipe check``:
+    a parameter that can name a file is declared so (``ParamKind``), and every value that is not one
+    of its declared words is a path.
+    """
+    if param.kind is ParamKind.PLAIN or not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if param.kind is ParamKind.MEDIA and (text.startswith("#") or text.lower() in param.words):
+        return None
+    if param.kind is ParamKind.MODEL:
+        from models import load_manifest  # stdlib-only; imported late to keep start-up light
+
+        if text in load_manifest():
+            return None
+    return Path(text).expanduser()
+
+
 def _anchor(base: Path, param: Param, value: Any) -> Any:
-    """Relative file paths in parameters are relative to the pipelines file (stages run elsewhere)."""
-    is_path = param.kind is ParamKind.PATH or (param.kind is ParamKind.MODEL and str(value).endswith(".onnx"))
-    if is_path and isinstance(value, str) and value and not Path(value).is_absolute():
-        return str((base / value).resolve())
-    return value
+    """Relative file paths in parameters are relative to the pipelines file (stages run elsewhere).
+
+    A bare word given to a MODEL parameter stays as it is, so a mistyped model name is reported as an
+    unknown model, not as a missing file.
+    """
+    path = named_file(param, value)
+    if path is None or path.is_absolute():
+        return value
+    if param.kind is ParamKind.MODEL and path.suffix.lower() != ".onnx" and path.parent == Path("."):
+        return value
+    return str((base / path).resolve())
 
 
 def _number(file: Path, value: Any, what: str, pipeline: str | None, label: str | None, key: str,
-            integer: bool = False) -> Any:
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok or value < 0:
-        kind = "a non-negative integer" if integer else "a non-negative number"
+            integer: bool = False, positive: bool = False) -> Any:
+    """A finite number >= 0 (> 0 with ``positive``): TOML's nan and inf are refused, as is a zero timeout,
+    which would kill every stage at once."""
+    ok = isinstance(value, int) if integer else isinstance(value, int | float) and math.isfinite(value)
+    if isinstance(value, bool) or not ok or value < 0 or (positive and value == 0):
+        kind = "an integer" if integer else "a finite number"
+        kind += " > 0" if positive else " >= 0"
         raise ConfigError(file, f"{what} must be {kind}, got {value!r}", pipeline, label, key)
     return value
 
@@ -164,7 +195,7 @@ def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, A
     return Stage(
         name=name,
         params=MappingProxyType(coerce_params(file, pipeline, label, name, params, file.parent)),
-        timeout=float(_number(file, merged["timeout"], "timeout", pipeline, label, "timeout")),
+        timeout=float(_number(file, merged["timeout"], "timeout", pipeline, label, "timeout", positive=True)),
         stall_timeout=None if stall in (None, 0) else float(
             _number(file, stall, "stall_timeout", pipeline, label, "stall_timeout")),
         retries=int(_number(file, merged["retries"], "retries", pipeline, label, "retries", integer=True)),
@@ -262,7 +293,7 @@ def missing_resources(pipeline: Pipeline) -> list[str]:
                     resolve(str(value))
                 except ModelError as exc:
                     problems.append(f"{where}: missing model: {exc}")
-            elif param.kind is ParamKind.PATH and not Path(str(value)).exists():
+            elif (path := named_file(param, value)) is not None and not path.exists():
                 problems.append(f"{where}: missing file {value}")
     return problems
 

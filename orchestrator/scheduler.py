@@ -21,18 +21,18 @@ from pathlib import Path
 from orchestrator import defaults
 from orchestrator.events import JOB_CANCELLED, JOB_QUEUED
 from orchestrator.job import Job, JobState, new_job_id
-from orchestrator.journal import JobRecord, Journal
+from orchestrator.journal import JobRecord, Journal, JournalError
 from orchestrator.pipeline import (
     ConfigError,
     Pipeline,
     PipelineFile,
     apply_overrides,
     missing_resources,
+    named_file,
     stage_params,
 )
 from orchestrator.worker_pool import WorkerPool
 from stages.events import Event
-from stages.stage import ParamKind
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Refusal(StrEnum):
     NOT_ALLOWED = "not_allowed"
     QUEUE_FULL = "queue_full"
     UNKNOWN_JOB = "unknown_job"
+    UNAVAILABLE = "unavailable"  # the daemon cannot take jobs now (stopping, or its journal cannot be written)
 
 
 class JobRefused(Exception):
@@ -95,11 +96,14 @@ class Scheduler:
         self.python = python
         self.clock = clock
         self.pool = pool
+        self.policy = policy
+        self.journal_failures = 0
         self._lock = threading.RLock()
         self._records: dict[str, JobRecord] = {}
         self._running: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._seq = 0
         self._stopping = False
+        self._cancelled: set[str] = set()  # running jobs a cancel Command stopped (never re-queued)
         for name, p in pipelines.pipelines.items():
             if self.slots.get(p.resource, 0) < 1:
                 raise ConfigError(pipelines.path, f"resource {p.resource!r} has no slots in this daemon "
@@ -124,7 +128,7 @@ class Scheduler:
             else:
                 r.state, r.message = JobState.INTERRUPTED, "the daemon stopped while this job was running"
             r.index, r.overall, r.updated = -1, 0.0, self.clock()
-            self.journal.save(r)
+            self.journal.save(r)  # at start: a failure here refuses to start the daemon
             log.warning("job %s was running when the daemon stopped: now %s", r.id, r.state.value)
 
     def _discard_work(self, r: JobRecord) -> None:
@@ -142,12 +146,13 @@ class Scheduler:
             pipeline = apply_overrides(self.pipelines, self.pipelines.pipelines[name], list(sets))
         except ConfigError as exc:
             raise JobRefused(Refusal.BAD_ARGUMENTS, str(exc)) from None
-        for stage in pipeline.stages:  # paths given in overrides obey the roots too
+        for stage in pipeline.stages:
+            # Every value that names a file obeys the roots, before anything else is looked at, so the
+            # answer is the same whether or not the file exists (no probing for files outside).
             declared = stage_params(stage.name)
             for key, value in stage.params.items():
-                kind = declared[key].kind
-                is_path = kind is ParamKind.PATH or (kind is ParamKind.MODEL and str(value).endswith(".onnx"))
-                if is_path and value and not under_roots(Path(str(value)), self.roots):
+                path = named_file(declared[key], value)
+                if path is not None and not under_roots(path, self.roots):
                     raise JobRefused(Refusal.NOT_ALLOWED, f"{stage.name}.{key}: {value} is outside the allowed roots")
         missing = missing_resources(pipeline)
         if missing:
@@ -168,15 +173,20 @@ class Scheduler:
             raise JobRefused(Refusal.INPUT_MISSING, f"input not found: {input}")
         with self._lock:
             if self._stopping:
-                raise JobRefused(Refusal.NOT_ALLOWED, "the daemon is stopping")
+                raise JobRefused(Refusal.UNAVAILABLE, "the daemon is stopping")
             if sum(1 for r in self._records.values() if r.state is JobState.QUEUED) >= self.max_queue:
                 raise JobRefused(Refusal.QUEUE_FULL, f"{self.max_queue} jobs are already queued")
             self._seq += 1
             now = self.clock()
             record = JobRecord(new_job_id(), self._seq, pipeline, str(path.resolve()), tuple(sets), priority,
                                JobState.QUEUED, now, now, tag=tag, reply_to=reply_to, resource=resolved.resource)
+            try:  # journaled before it is accepted: a job the daemon could not keep is refused, not lost
+                self.journal.save(record)
+            except JournalError as exc:
+                log.error("refusing a job: %s", exc)
+                raise JobRefused(Refusal.UNAVAILABLE, f"{exc}; no new jobs are accepted until it can be written"
+                                 ) from None
             self._records[record.id] = record
-            self.journal.save(record)
         self.sink(Event(JOB_QUEUED, {"job": record.id, "pipeline": pipeline, "input": record.input,
                                      "priority": priority}), record)
         self.dispatch()
@@ -191,9 +201,10 @@ class Scheduler:
                 raise JobRefused(Refusal.BAD_ARGUMENTS, f"job {job_id} is already {record.state.value}")
             if record.state is JobState.QUEUED:
                 record.state, record.updated, record.message = JobState.CANCELLED, self.clock(), "cancelled"
-                self.journal.save(record)
+                self._save(record)
                 queued = True
             else:
+                self._cancelled.add(job_id)
                 self._running[job_id][1].set()  # the Job kills its stage tree and reports job/cancelled
                 queued = False
         if queued:
@@ -236,14 +247,14 @@ class Scheduler:
             pipeline = self._pipeline_for(record.pipeline, record.sets)
         except JobRefused as exc:  # e.g. the file changed under a re-queued job
             record.state, record.message = JobState.FAILED, exc.message
-            self.journal.save(record)
+            self._save(record)
             return
         cancel = threading.Event()
         job = Job(pipeline, Path(record.input), lambda e: self._on_event(record, e), job_id=record.id,
                   python=self.python, cancel=cancel, pool=self.pool)
         thread = threading.Thread(target=self._run, args=(record, job), name=f"cuepipe-job-{record.id}")
         record.state, record.updated = JobState.RUNNING, self.clock()
-        self.journal.save(record)
+        self._save(record)
         self._running[record.id] = (thread, cancel)
         thread.start()
 
@@ -255,18 +266,32 @@ class Scheduler:
             log.exception("job %s crashed the scheduler thread", record.id)
             state, outputs, message = JobState.FAILED, (), f"internal error: {exc}"
         with self._lock:
-            if self._stopping and state is JobState.CANCELLED:
-                state, message = JobState.INTERRUPTED, "the daemon was stopped while this job was running"
+            if self._stopping and state is JobState.CANCELLED and record.id not in self._cancelled:
+                if self.policy is RestartPolicy.REQUEUE:  # a graceful stop of the daemon, not a cancel
+                    state, message = JobState.QUEUED, "re-queued: the daemon was stopped while this job was running"
+                    record.index, record.overall = -1, 0.0
+                else:
+                    state, message = JobState.INTERRUPTED, "the daemon was stopped while this job was running"
             record.state, record.outputs, record.updated = state, outputs, self.clock()
             record.message = message or (outputs[0] if outputs else "")
             if state is JobState.DONE:
                 record.overall = 1.0
-            self.journal.save(record)
+            self._save(record)
             del self._running[record.id]
+            self._cancelled.discard(record.id)
             again = state is JobState.FAILED and not self._stopping and self._keeps_running(record)
         if again:
             self._restart(record)
         self.dispatch()
+
+    def _save(self, record: JobRecord) -> None:
+        """Journal a change of an accepted job. If the journal cannot be written, the job goes on (its
+        state in memory is right; after a crash it would come back one step behind): logged, counted."""
+        try:
+            self.journal.save(record)
+        except JournalError as exc:
+            self.journal_failures += 1
+            log.error("job %s: %s", record.id, exc)
 
     def _keeps_running(self, record: JobRecord) -> bool:
         pipeline = self.pipelines.pipelines.get(record.pipeline)
@@ -284,7 +309,7 @@ class Scheduler:
                                not_before=now + min(60.0, 2.0 ** (restarts - 1)),
                                message=f"restart {restarts} of keep_running job {failed.id}")
             self._records[record.id] = record
-            self.journal.save(record)
+            self._save(record)
         log.warning("keep_running pipeline %s failed (job %s); restarting as %s", failed.pipeline, failed.id,
                     record.id)
         self.sink(Event(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
@@ -292,10 +317,17 @@ class Scheduler:
 
     def _on_event(self, record: JobRecord, event: Event) -> None:
         name = event.spec.name
+        if (name == "job/cancelled" and self._stopping and self.policy is RestartPolicy.REQUEUE
+                and record.id not in self._cancelled):
+            # Stopped by the daemon's own graceful stop: the job is not over, it runs again at the next
+            # start, so its one terminal Event is still to come. Tell the client it waits again.
+            event = Event(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
+                                       "priority": record.priority})
+            name = event.spec.name
         with self._lock:
             if name == "job/stage_started":
                 record.index, record.updated = event["index"], self.clock()
-                self.journal.save(record)
+                self._save(record)
             elif name == "job/progress":
                 record.overall = event["overall"]
             elif name in ("job/failed", "job/stage_failed"):

@@ -1,7 +1,8 @@
 """EventDisplay: what ``cuepipe run`` shows in the terminal — a progress bar, or JSON lines.
 
 Progress bars go to stderr (tqdm hides them when stderr is not a terminal); ``--json`` prints one
-JSON object per Job Event on stdout for programs (TD's launcher, scripts) to read.
+JSON object per Job Event on stdout for programs (TD's launcher, scripts) to read. A ``job/warning``
+is shown when it arrives and again below the job's final line, so it is the last thing seen.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class EventDisplay:
         self.json_lines = json_lines
         self.stream = stream or (sys.stdout if json_lines else sys.stderr)
         self._bar: tqdm | None = None
+        self.warnings: list[str] = []  # every job/warning, as shown
 
     def show(self, event: Event) -> None:
         if self.json_lines:
@@ -45,14 +47,29 @@ class EventDisplay:
                 self._bar.n = 1000
                 self._bar.refresh()
             self._close_bar()
+        elif name == "job/warning":
+            self.warnings.append(f"warning: stage {f['index']} {f['stage']}: {f['kind']}: {f['message']}")
+            if self._bar is not None:
+                self._bar.write(self.warnings[-1], file=self.stream)
+            else:
+                self._write(self.warnings[-1])
         elif name == "job/failed":
             self._close_bar()
             self._write(f"job {f['job']} failed: {f['kind']}: {f['message']}")
+            self._repeat_warnings()
         elif name == "job/cancelled":
             self._close_bar()
             self._write(f"job {f['job']} cancelled during stage {f['index']} {f['stage']}")
+            self._repeat_warnings()
         elif name == "job/done":
-            self._write(f"job {f['job']} done in {f['seconds']:.1f}s")
+            count = len(self.warnings)
+            self._write(f"job {f['job']} done in {f['seconds']:.1f}s"
+                        + (f" with {count} warning{'s' if count > 1 else ''}:" if count else ""))
+            self._repeat_warnings()
+
+    def _repeat_warnings(self) -> None:
+        for text in self.warnings:
+            self._write("  " + text)
 
     def _write(self, text: str) -> None:
         print(text, file=self.stream, flush=True)

@@ -1,8 +1,9 @@
 """Transport: UDP sockets that carry OSC Events. Bytes in, decoded Events out; no domain logic.
 
 The launcher's ear for its stages is an ``EventSocket`` on 127.0.0.1 (port 0: the OS picks a free
-one). Its receive buffer is raised because the default loses Events in bursts (REFERENCE.md), and
-it reads whole datagrams up to 64 KB, so a long ``stderr`` tail is never cut.
+one). Its receive buffer is raised because the default loses Events in bursts (measured: of a
+10,000-datagram burst 2,400-7,300 arrive with the default buffer, all with 4 MiB), and it reads
+whole datagrams up to 64 KB, so a long ``stderr`` tail is never cut.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class EventSocket:
         """Send from this socket's port (OSC replies conventionally come from the port asked)."""
         try:
             self.sock.sendto(data, address)
-        except OSError as exc:
+        except (OSError, OverflowError, ValueError) as exc:  # Overflow: a port outside 0..65535
             log.warning("cannot send to %s:%s: %s", address[0], address[1], exc)
 
     def close(self) -> None:

@@ -10,6 +10,11 @@ process leaves ffmpeg running (and holding the output file open on Windows). The
 - both: remembers every descendant it has seen (psutil, pid + creation time against pid reuse),
   so grandchildren that outlive their parent or leave the group are killed too.
 
+If the launcher itself dies hard (``kill -9``), nothing above runs. Then: every stage watches its
+launcher, named in ``CUEPIPE_PARENT``, and stops its own tree (``stages/parentwatch.py``); on Windows
+every stage is also in a kill-on-close Job Object of this process; and a ``ProcessRegistry`` lets the
+daemon's next start kill whatever is still left (``reap_leftovers``).
+
 The child's stdout and stderr go to a log file, not a pipe: nothing can block on an unread pipe,
 and the tail of the log becomes the ``stderr`` of a ``failed`` Event.
 """
@@ -17,11 +22,13 @@ and the tail of the log becomes the ``stderr`` of a ``failed`` Event.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
@@ -31,6 +38,7 @@ from typing import IO, Any, Protocol
 import psutil
 
 from orchestrator import defaults
+from stages.parentwatch import PARENT_ENV, parent_token, same_process
 
 log = logging.getLogger(__name__)
 IS_WINDOWS = sys.platform == "win32"
@@ -66,6 +74,133 @@ class Task(Protocol):
     def tail(self, lines: int = defaults.STDERR_TAIL_LINES) -> str: ...
 
 
+class ProcessRegistry:
+    """The stage processes Workers have started and not yet reaped: one JSON file each in ``folder``.
+
+    Why: after the daemon is killed hard, its next start kills what it left running
+    (``reap_leftovers``). One file per process, written under a temporary name and renamed, is
+    crash-safe at any instant (no record or a whole one) and needs no lock between job threads.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+
+    def record(self, pid: int, created: float, argv: Sequence[str]) -> None:
+        path = self.folder / f"{pid}.json"
+        part = path.with_suffix(".part")
+        try:
+            part.write_text(json.dumps({"pid": pid, "created": created, "argv": list(argv)}), encoding="utf-8")
+            os.replace(part, path)
+        except OSError as exc:
+            log.warning("cannot record stage process %d in %s: %s", pid, self.folder, exc)
+
+    def forget(self, pid: int, created: float) -> None:
+        """Remove the record of that process (not that of a later process with the same pid)."""
+        path = self.folder / f"{pid}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if abs(float(json.loads(path.read_text(encoding="utf-8"))["created"]) - created) < 0.01:
+                path.unlink()
+
+
+def _kill_leftover(pid: int, created: float) -> bool:
+    """Kill that process and its tree if it still runs (same pid *and* creation time)."""
+    try:
+        leader = psutil.Process(pid)
+        if not same_process(leader, created) or leader.status() == psutil.STATUS_ZOMBIE:
+            return False
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        return False
+    if sys.platform != "win32":  # its own group (start_new_session): also members that left the tree
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(tree, timeout=3)
+    log.warning("killed leftover stage process %d and %d of its descendants", pid, len(tree) - 1)
+    return True
+
+
+def reap_leftovers(folder: Path) -> list[int]:
+    """Kill, each as a whole tree, the recorded stage processes under ``folder`` that still run, and
+    clear every record. For the daemon's start: a previous daemon died without stopping them.
+    Returns the pids of the recorded processes it killed."""
+    killed: list[int] = []
+    if not folder.is_dir():
+        return killed
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            pid, created = int(record["pid"]), float(record["created"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable process record %s: %s", path, exc)
+        else:
+            if _kill_leftover(pid, created):
+                killed.append(pid)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    for part in folder.glob("*.part"):
+        with contextlib.suppress(OSError):
+            part.unlink()
+    return killed
+
+
+if sys.platform == "win32":  # spelled out so that type checkers on other systems skip it
+    import ctypes
+    from ctypes import wintypes
+
+    class _BasicLimits(ctypes.Structure):  # JOBOBJECT_BASIC_LIMIT_INFORMATION
+        _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64), ("PerJobUserTimeLimit", ctypes.c_int64),
+                    ("LimitFlags", wintypes.DWORD), ("MinimumWorkingSetSize", ctypes.c_size_t),
+                    ("MaximumWorkingSetSize", ctypes.c_size_t), ("ActiveProcessLimit", wintypes.DWORD),
+                    ("Affinity", ctypes.c_size_t), ("PriorityClass", wintypes.DWORD),
+                    ("SchedulingClass", wintypes.DWORD)]
+
+    class _ExtendedLimits(ctypes.Structure):  # JOBOBJECT_EXTENDED_LIMIT_INFORMATION
+        _fields_ = [("BasicLimitInformation", _BasicLimits), ("IoInfo", ctypes.c_uint64 * 6),  # IO_COUNTERS
+                    ("ProcessMemoryLimit", ctypes.c_size_t), ("JobMemoryLimit", ctypes.c_size_t),
+                    ("PeakProcessMemoryUsed", ctypes.c_size_t), ("PeakJobMemoryUsed", ctypes.c_size_t)]
+
+    _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+    _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION = 9  # JOBOBJECTINFOCLASS
+    _kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    _kernel32.CreateJobObjectW.restype = wintypes.HANDLE
+    _kernel32.CreateJobObjectW.argtypes = (ctypes.c_void_p, wintypes.LPCWSTR)
+    _kernel32.SetInformationJobObject.restype = wintypes.BOOL
+    _kernel32.SetInformationJobObject.argtypes = (wintypes.HANDLE, ctypes.c_int, ctypes.c_void_p, wintypes.DWORD)
+    _kernel32.AssignProcessToJobObject.restype = wintypes.BOOL
+    _kernel32.AssignProcessToJobObject.argtypes = (wintypes.HANDLE, wintypes.HANDLE)
+    _kill_job: list[int] = []  # this process's one Job Object, made on first use and never closed
+    _kill_job_lock = threading.Lock()
+
+    def _kill_job_handle() -> int:
+        with _kill_job_lock:
+            if not _kill_job:
+                handle = _kernel32.CreateJobObjectW(None, None)  # not inheritable: only we hold it
+                if not handle:
+                    raise ctypes.WinError(ctypes.get_last_error())
+                info = _ExtendedLimits()
+                info.BasicLimitInformation.LimitFlags = _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+                if not _kernel32.SetInformationJobObject(handle, _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION,
+                                                         ctypes.byref(info), ctypes.sizeof(info)):
+                    raise ctypes.WinError(ctypes.get_last_error())
+                _kill_job.append(handle)
+            return _kill_job[0]
+
+    def _assign_to_kill_job(proc: subprocess.Popen[Any]) -> None:
+        """Put the stage in the Job Object: when this process dies, however, Windows kills the stage and
+        everything it starts afterwards (ffmpeg). A child started in the first instant, before this
+        call, would escape it; the parent watch covers that. Failures are logged, not fatal."""
+        try:
+            if not _kernel32.AssignProcessToJobObject(_kill_job_handle(), int(proc._handle)):
+                raise ctypes.WinError(ctypes.get_last_error())
+        except OSError as exc:
+            log.warning("cannot put stage process %d in the kill-on-close Job Object: %s", proc.pid, exc)
+
+
 class Worker:
     """A stage subprocess and everything it spawns."""
 
@@ -77,6 +212,7 @@ class Worker:
         env: Mapping[str, str] | None = None,
         now: Callable[[], float] = time.monotonic,
         pipes: bool = False,
+        registry: ProcessRegistry | None = None,
     ) -> None:
         self.argv = list(argv)
         self.pipes = pipes  # stdin/stdout as text pipes (resident workers); stderr always to the log
@@ -90,6 +226,8 @@ class Worker:
         self._log: IO[bytes] | None = None
         self._seen: dict[int, psutil.Process] = {}
         self._last_scan = 0.0
+        self.registry = registry  # records the started process until it is reaped (reap_leftovers)
+        self._recorded: tuple[int, float] | None = None
 
     @property
     def stdin(self) -> IO[str] | None:
@@ -116,13 +254,22 @@ class Worker:
                               encoding="utf-8", bufsize=1)
             else:
                 kwargs.update(stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-            self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, **kwargs)
+            env = dict(os.environ if self.env is None else self.env)
+            env[PARENT_ENV] = parent_token()  # the stage dies with this process (stages/parentwatch.py)
+            self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, **kwargs)
         except OSError as exc:
             self._log.close()
             raise WorkerError(f"cannot start {self.argv[0]}: {exc}") from exc
+        if sys.platform == "win32":
+            _assign_to_kill_job(self._proc)
         self.state = WorkerState.RUNNING
         self.started_at = self._now()
         self._remember(self._proc.pid)
+        leader = self._seen.get(self._proc.pid)
+        if self.registry is not None and leader is not None:
+            with contextlib.suppress(psutil.Error):
+                self._recorded = (leader.pid, leader.create_time())
+                self.registry.record(*self._recorded, self.argv)
 
     def _remember(self, pid: int) -> None:
         with contextlib.suppress(psutil.Error):
@@ -224,15 +371,27 @@ class Worker:
                         stream.close()
         if self._log is not None and not self._log.closed:
             self._log.close()
+        if self.registry is not None and self._recorded is not None and self._proc and self._proc.poll() is not None:
+            self.registry.forget(*self._recorded)
+            self._recorded = None
 
-    def tail(self, lines: int = defaults.STDERR_TAIL_LINES) -> str:
-        """The last lines the stage wrote to stdout/stderr."""
+    def log_size(self) -> int:
+        """Bytes in the log so far: where the next job of a resident worker starts writing."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def tail(self, lines: int = defaults.STDERR_TAIL_LINES, since: int = 0, until: int | None = None) -> str:
+        """The last lines the stage wrote to stdout/stderr, between byte offsets ``since`` and ``until``
+        (a resident worker's log holds every job's lines; each job's tail must be its own)."""
         try:
             with self.log_path.open("rb") as f:
                 f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - 16384))
-                data = f.read()
+                end = f.tell() if until is None else min(until, f.tell())
+                start = max(since, end - 16384)
+                f.seek(start)
+                data = f.read(max(0, end - start))
         except OSError:
             return ""
         text = data.decode("utf-8", errors="replace").splitlines()

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from orchestrator import defaults
-from orchestrator.worker import Worker, stage_env
+from orchestrator.worker import ProcessRegistry, Worker, stage_env
 from stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class ResidentWorker:
         self.worker = worker
         self.jobs = 0
         self.job: str | None = None
+        self.job_log_start = 0  # where the current job's lines start in the shared log
         self._completions: queue.Queue[dict[str, Any]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"cuepipe-resident-{stage}", daemon=True)
 
@@ -60,7 +61,12 @@ class ResidentWorker:
 
     @property
     def alive(self) -> bool:
-        return self.worker.poll() is None
+        if self.worker.poll() is not None:
+            return False
+        try:  # killed, but its other threads still exiting: a zombie not yet reapable, as good as dead
+            return psutil.Process(self.worker.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
 
     def submit(self, job: str, input: Path, output_dir: Path, port: int, params: Mapping[str, Any]) -> bool:
         """Hand the worker a job; False if it could not take it (its process is gone)."""
@@ -69,6 +75,7 @@ class ResidentWorker:
         stdin = self.worker.stdin
         if stdin is None:
             return False
+        self.job_log_start = self.worker.log_size()
         try:
             stdin.write(json.dumps(request) + "\n")
             stdin.flush()
@@ -113,9 +120,10 @@ class ResidentWorker:
 class WorkerPool:
     def __init__(self, folder: Path, python: str = sys.executable, max_jobs: int = defaults.WORKER_MAX_JOBS,
                  max_rss: int = defaults.WORKER_MAX_RSS, backoff_max: float = 30.0,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic, registry: ProcessRegistry | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
+        self.registry = registry  # resident processes are recorded there (and Jobs' cold ones too)
         self.python = python
         self.max_jobs = max_jobs
         self.max_rss = max_rss
@@ -149,7 +157,8 @@ class WorkerPool:
             (cancel or threading.Event()).wait(delay)
         number = next(self._numbers)
         worker = Worker([self.python, "-m", STAGES[stage], "--serve"], self.folder,
-                        self.folder / f"{stage}-{number}.log", env=stage_env(), now=self.now, pipes=True)
+                        self.folder / f"{stage}-{number}.log", env=stage_env(), now=self.now, pipes=True,
+                        registry=self.registry)
         resident = ResidentWorker(stage, worker)
         resident.start()
         self.started += 1
@@ -208,6 +217,9 @@ class ResidentTask:
         self.resident = resident
         self.started_at = now()
         self._discarded = False
+        # Every job of a resident worker writes to one log: this job's tail is only its own part.
+        self._log_start = resident.job_log_start
+        self._log_end: int | None = None
 
     @property
     def pid(self) -> int:
@@ -225,7 +237,8 @@ class ResidentTask:
 
     def cleanup(self) -> None:
         if not self._discarded:
+            self._log_end = self.resident.worker.log_size()  # released, the worker may take the next job
             self.pool.release(self.resident, crashed=not self.resident.alive)
 
     def tail(self, lines: int = defaults.STDERR_TAIL_LINES) -> str:
-        return self.resident.worker.tail(lines)
+        return self.resident.worker.tail(lines, since=self._log_start, until=self._log_end)

@@ -41,8 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
+from stages.preprocess import BACKGROUND_WORDS, NAMED_COLOURS
 from stages.stage import (
+    ALLOW_TRUNCATED,
+    MAX_FRAME_SIDE,
     Param,
+    ParamKind,
     StageError,
     StageEvents,
     StageResult,
@@ -71,14 +75,17 @@ OUTPUTS: dict[str, tuple[str, str]] = {
 }
 
 PARAMS: dict[str, Param] = {
-    "background": Param(str, "#00b140", "#rrggbb, a colour name, an image, a video or folder, or none"),
+    "background": Param(str, "#00b140", "#rrggbb, a colour name, an image, a video or folder, or none",
+                        kind=ParamKind.MEDIA, words=BACKGROUND_WORDS),
     "background_mode": Param(str, "loop", "a video background after its last frame: loop or hold",
                              choices=("loop", "hold")),
     "size": Param(str, "input", "output size: input, background or WxH"),
     "position": Param(str, "[0.5,0.5]", "layer alignment [x,y]: [0,0] top-left, [0.5,0.5] centre, [1,1] bottom-right"),
     "scale": Param(float, 1.0, "layer scale", minimum=0.01, maximum=100.0),
-    "audio": Param(str, "input", "audio from: input, background, none, or a file path"),
+    "audio": Param(str, "input", "audio from: input, background, none, or a file path", kind=ParamKind.MEDIA,
+                   words=frozenset({"input", "background", "none"})),
     "outputs": Param(str, "video", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
+    "allow_truncated": ALLOW_TRUNCATED,
 }
 
 
@@ -114,6 +121,8 @@ def _coerce(params: dict[str, Any]) -> dict[str, Any]:
             raise bad_argument("size", f"expected input, background or WxH; {exc}") from None
         if isinstance(out["size"], str):
             raise bad_argument("size", f"expected input, background or WxH, got {size!r}")
+        if max(out["size"]) > MAX_FRAME_SIDE:
+            raise bad_argument("size", f"at most {MAX_FRAME_SIDE} pixels a side, got {size!r}")
     else:
         out["size"] = size
     return out
@@ -125,7 +134,6 @@ def _canvas(opts: dict[str, Any], layer: tuple[int, int]) -> tuple[int, int]:
         return opts["size"]
     if opts["size"] == "input" or opts["transparent"]:
         return layer
-    from stages.compositing import NAMED_COLOURS
     from stages.video import IMAGE_SUFFIXES, probe, read_image
 
     spec = opts["background"].strip()
@@ -170,6 +178,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
     from stages.compositing import BackgroundMode, composite, parse_background, place
     from stages.framepipe import run_frames
     from stages.rgba import RgbaReader
+    from stages.video import check_complete
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -205,6 +214,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
             events.progress(n, expected if n <= expected else -1)
 
         frames = run_frames(reader.frames(), prepare, process, sinks, on_frame=progress, name=NAME)
+        check_complete(input, expected, frames, allow=opts["allow_truncated"], events=events)
     if frames != expected:
         log.info("%d frames (the container estimated %d)", frames, expected)
         events.progress(frames, frames)

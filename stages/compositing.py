@@ -41,13 +41,9 @@ import cv2
 import numpy as np
 
 from stages.events import ErrorKind
-from stages.preprocess import Fit, Geometry, parse_color
+from stages.preprocess import NAMED_COLOURS, Fit, Geometry, parse_color
 from stages.stage import StageError
 from stages.video import IMAGE_SUFFIXES, VideoReader, read_image
-
-#: Colour names ``parse_background`` accepts besides ``#rrggbb`` (as ``#rrggbb``).
-NAMED_COLOURS = {"black": "#000000", "white": "#ffffff", "gray": "#808080", "grey": "#808080",
-                 "green": "#00ff00", "blue": "#0000ff"}
 
 
 class BackgroundMode(StrEnum):

@@ -1,6 +1,6 @@
 """Events: the OSC messages cuepipe sends, their schemas, and the sender.
 
-A Stage reports to its ``--report HOST:PORT`` addresses with the four stage Events below; the
+A Stage reports to its ``--report HOST:PORT`` addresses with the stage Events below; the
 launcher relays them as Job Events (``orchestrator/events.py``) using the same codec. Every
 address, argument name and OSC type tag is declared once here as an ``EventSpec`` and documented
 in ``docs/protocol.md``. This module is the lowest layer: stdlib + python-osc, no orchestrator.
@@ -29,7 +29,16 @@ _INT32 = (-(2**31), 2**31 - 1)
 
 
 class EventError(ValueError):
-    """An Event could not be encoded or decoded (wrong address, arity or argument type)."""
+    """An Event could not be encoded or decoded (wrong address, arity or argument type).
+
+    When decoding got as far as a message, ``address`` and ``params`` hold what could be read, so a
+    receiver can still say which request it refuses (e.g. echo a Command's tag).
+    """
+
+    def __init__(self, message: str, address: str = "", params: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.address = address
+        self.params = tuple(params)
 
 
 class MalformedPacket(EventError):
@@ -59,6 +68,12 @@ class ErrorKind(StrEnum):
     CANCELLED = "cancelled"
     CONFIG_INVALID = "config_invalid"  # pipelines.toml or an override is invalid
     UNKNOWN_PIPELINE = "unknown_pipeline"
+
+
+class WarningKind(StrEnum):
+    """What a stage accepted but must not keep quiet about: the ``kind`` of a ``warning`` Event."""
+
+    INPUT_TRUNCATED = "input_truncated"  # fewer frames decoded than the container declares (allow_truncated)
 
 
 @dataclass(frozen=True)
@@ -102,7 +117,8 @@ STAGE_STARTED = spec_of("stage/started", "stage:s pid:i info:s")
 STAGE_PROGRESS = spec_of("stage/progress", "stage:s fraction:f frame:i total:i fps:f")
 STAGE_DONE = spec_of("stage/done", "stage:s frames:i seconds:f", tail="outputs")
 STAGE_FAILED = spec_of("stage/failed", "stage:s kind:s message:s")
-STAGE_EVENTS: tuple[EventSpec, ...] = (STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED)
+STAGE_WARNING = spec_of("stage/warning", "stage:s kind:s message:s")
+STAGE_EVENTS: tuple[EventSpec, ...] = (STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED, STAGE_WARNING)
 
 
 def _typed(spec: EventSpec, name: str, tag: str, value: Any) -> Any:
@@ -180,21 +196,28 @@ def decode(data: bytes, specs: Sequence[EventSpec]) -> list[Event]:
     events = []
     for msg in messages:
         spec = by_address.get(msg.address)
-        if spec is None:
-            raise UnknownAddress(f"unknown address {msg.address!r}")
         params = list(msg.params)
-        if len(params) < len(spec.args) or (len(params) > len(spec.args) and not spec.tail):
-            raise EventError(f"{spec.name}: expected {len(spec.args)} arguments, got {len(params)}")
-        fields: dict[str, Any] = {}
-        for (name, tag), value in zip(spec.args, params, strict=False):
-            fields[name] = _typed(spec, name, tag, value)
-        if spec.tail:
-            tail = params[len(spec.args) :]
-            if not all(isinstance(v, str) for v in tail):
-                raise EventError(f"{spec.name}: {spec.tail} must be strings")
-            fields[spec.tail] = tuple(tail)
-        events.append(Event(spec, fields))
+        if spec is None:
+            raise UnknownAddress(f"unknown address {msg.address!r}", msg.address, params)
+        try:
+            events.append(Event(spec, _fields(spec, params)))
+        except EventError as exc:
+            raise EventError(str(exc), msg.address, params) from None
     return events
+
+
+def _fields(spec: EventSpec, params: list[Any]) -> dict[str, Any]:
+    if len(params) < len(spec.args) or (len(params) > len(spec.args) and not spec.tail):
+        raise EventError(f"{spec.name}: expected {len(spec.args)} arguments, got {len(params)}")
+    fields: dict[str, Any] = {}
+    for (name, tag), value in zip(spec.args, params, strict=False):
+        fields[name] = _typed(spec, name, tag, value)
+    if spec.tail:
+        tail = params[len(spec.args) :]
+        if not all(isinstance(v, str) for v in tail):
+            raise EventError(f"{spec.name}: {spec.tail} must be strings")
+        fields[spec.tail] = tuple(tail)
+    return fields
 
 
 def parse_address(text: str) -> tuple[str, int]:

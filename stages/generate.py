@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
 from stages.stage import (
+    ALLOW_TRUNCATED,
     Param,
     ParamKind,
     StageError,
@@ -86,6 +87,7 @@ PARAMS: dict[str, Param] = {
     "outputs": Param(str, "rgba", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
     "condition_video": Param(str, None, "video feeding the condition input when condition = video",
                              kind=ParamKind.PATH),
+    "allow_truncated": ALLOW_TRUNCATED,
     # the contract (models/generator.py); unset: the manifest's, else the defaults
     "input_name": Param(str, None, "contract: the image input's name (default: the first input)"),
     "output_name": Param(str, None, "contract: the generated image output's name (default: the first output)"),
@@ -155,6 +157,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
     from stages.framepipe import run_frames
     from stages.genframes import FramePass, frame_source
     from stages.rgba import RgbaReader
+    from stages.video import check_complete
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -188,6 +191,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
 
         frames = run_frames(frame_source(reader, condition), framer.prepare, framer.process, sinks,
                             batch=contract.batch, on_frame=progress, name=NAME)
+        check_complete(input, expected, frames, allow=opts["allow_truncated"], events=events)
     if frames != expected:
         log.info("%d frames (the container estimated %d)", frames, expected)
         events.progress(frames, frames)

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
+from stages.preprocess import BACKGROUND_WORDS
 from stages.stage import (
+    ALLOW_TRUNCATED,
     Param,
     ParamKind,
     StageError,
@@ -82,11 +84,13 @@ PARAMS: dict[str, Param] = {
     "provider": Param(str, "auto", "execution provider: auto, cpu, cuda or tensorrt", choices=PROVIDERS),
     "threads": Param(int, 0, "onnxruntime intra-op threads (0: one per core)", minimum=0),
     "outputs": Param(str, "alpha,composite", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
-    "background": Param(str, "#00b140", "composite background: #rrggbb, an image or a video file"),
+    "background": Param(str, "#00b140", "composite background: #rrggbb, a colour name, an image or a video file",
+                        kind=ParamKind.MEDIA, words=BACKGROUND_WORDS),
     "scene_cut": Param(float, 0.0, "reset the state at cuts above this frame difference (0: off)",
                        minimum=0.0, maximum=1.0),
     "io_binding": Param(str, "auto", "onnxruntime IO binding: auto (on for GPU providers), on, off",
                         choices=("auto", "on", "off")),
+    "allow_truncated": ALLOW_TRUNCATED,
 }
 
 
@@ -126,7 +130,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
     ``cache`` (resident workers, ``docs/stages.md``): loaded sessions are kept in it between jobs.
     """
     from stages.matting_pipeline import run_pipeline
-    from stages.video import VideoReader
+    from stages.video import VideoReader, check_complete
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -148,6 +152,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
             events.progress(n, expected if n <= expected else -1)
 
         stats = run_pipeline(reader, model, ratio, sinks, w, h, scene_cut=opts["scene_cut"], on_frame=progress)
+        check_complete(input, expected, stats.frames, allow=opts["allow_truncated"], events=events)
     if stats.frames != expected:
         log.info("%d frames (the container estimated %d)", stats.frames, expected)
         events.progress(stats.frames, stats.frames)

@@ -10,6 +10,8 @@ the defaults keep the source as it is.
 Trim: source frame i is at time i / source_fps (a constant frame rate is assumed). ``start_frame``
 / ``end_frame`` select frames directly (end exclusive); ``start_seconds`` keeps frames at or after
 that time and ``end_seconds`` frames before it. Frame and seconds bounds for the same end clash.
+A range that reaches past the frames a truncated file still decodes, into those its container
+declares, fails with ``input_invalid`` unless ``allow_truncated`` (``stages.video.check_complete``).
 
 Frame rate (``fps``): for the M trimmed frames (M / source_fps seconds) the output has
 ``n = floor(M * fps / source_fps + 1/2)`` frames, and output frame k shows trimmed frame
@@ -51,7 +53,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.events import ErrorKind
-from stages.stage import Param, StageError, StageEvents, StageResult, bad_argument, coerce_all, option, stage_main
+from stages.stage import (
+    ALLOW_TRUNCATED,
+    MAX_FRAME_SIDE,
+    Param,
+    StageError,
+    StageEvents,
+    StageResult,
+    bad_argument,
+    coerce_all,
+    option,
+    stage_main,
+)
 
 if TYPE_CHECKING:  # numpy, OpenCV and stages.video are imported in run(): reading PARAMS stays cheap
     import numpy as np
@@ -76,18 +89,26 @@ PARAMS: dict[str, Param] = {
     "end_frame": Param(int, None, "source frame to stop before (exclusive)", minimum=1),
     "start_seconds": Param(float, None, "keep frames at or after this time", minimum=0.0),
     "end_seconds": Param(float, None, "keep frames before this time", minimum=0.0),
-    "width": Param(int, None, "output width in pixels", minimum=1),
-    "height": Param(int, None, "output height in pixels", minimum=1),
+    "width": Param(int, None, "output width in pixels", minimum=1, maximum=MAX_FRAME_SIDE),
+    "height": Param(int, None, "output height in pixels", minimum=1, maximum=MAX_FRAME_SIDE),
     "fit": Param(str, Fit.PAD.value, "stretch, crop or pad (letterbox)", choices=tuple(f.value for f in Fit)),
     "pad_color": Param(str, "#000000", "letterbox colour as #rrggbb"),
     "fps": Param(float, None, "output frame rate (frames are dropped or repeated)", minimum=0.0),
     "rotate": Param(int, 0, "clockwise rotation in degrees, before resizing", choices=(0, 90, 180, 270)),
     "image_fps": Param(float, 30.0, "frame rate of an image-folder input", minimum=0.0),
     "codec": Param(str, CODECS[0], "utvideo or ffv1 (lossless .mkv), or h264 (.mp4)", choices=CODECS),
+    "allow_truncated": ALLOW_TRUNCATED,
 }
 
 _ROTATE = {90: "ROTATE_90_CLOCKWISE", 180: "ROTATE_180", 270: "ROTATE_90_COUNTERCLOCKWISE"}  # cv2 names
 _HALF = Fraction(1, 2)
+
+
+#: Colour names accepted besides ``#rrggbb`` where a colour is asked for (backgrounds).
+NAMED_COLOURS = {"black": "#000000", "white": "#ffffff", "gray": "#808080", "grey": "#808080",
+                 "green": "#00ff00", "blue": "#0000ff"}
+#: Background values that are words, not files: colour names and the transparent ones.
+BACKGROUND_WORDS = frozenset(NAMED_COLOURS) | {"none", "transparent", "alpha"}
 
 
 def parse_color(text: str, name: str = "pad_color") -> tuple[int, int, int]:
@@ -192,7 +213,7 @@ def _trim(opts: dict[str, Any], src_fps: Fraction) -> tuple[int, int | None]:
 
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
     """Preprocess ``input`` into ``output_dir/preprocessed.<mkv|mp4>``; see the module docstring."""
-    from stages.video import AudioSource, Codec, VideoReader, VideoWriter, fps_fraction
+    from stages.video import AudioSource, Codec, VideoReader, VideoWriter, check_complete, fps_fraction
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -228,6 +249,8 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
                     writer.write(queue.popleft())
                     written += 1  # past an underestimated total, report it as unknown (-1)
                     events.progress(written, expected if written <= expected else -1)
+            check_complete(input, reader.frame_count, reader.position, allow=opts["allow_truncated"], events=events,
+                           start=start, stop=stop)
             if written == 0:  # leaving the with block by an exception discards the partial file
                 where = f"source frames {start} to {'the end' if stop is None else stop}"
                 found = "none exist" if seen == 0 else f"{seen} exist, too few at {float(out_fps):g} fps"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import math
 import os
 import signal
 import sys
@@ -27,15 +28,21 @@ from stages.events import (
     STAGE_FAILED,
     STAGE_PROGRESS,
     STAGE_STARTED,
+    STAGE_WARNING,
     ErrorKind,
     EventSender,
+    WarningKind,
     info_json,
     parse_address,
 )
+from stages.parentwatch import watch_parent
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGUMENT, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: The largest frame side (pixels) a stage parameter may ask for: 8K. Larger sizes are typing errors
+#: that would cost minutes and gigabytes before failing (100000 px wide: 52 s and 1.6 GB for 2 s).
+MAX_FRAME_SIDE = 8192
 
 
 class StageError(Exception):
@@ -51,6 +58,7 @@ class ParamKind(StrEnum):
     PLAIN = "plain"
     PATH = "path"  # a file that must exist (checked before the pipeline starts)
     MODEL = "model"  # a model name from models/manifest.toml, or a path to an .onnx file
+    MEDIA = "media"  # one of the Param's ``words``, a #rrggbb colour, or else a path to a file
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -67,6 +75,7 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     kind: ParamKind = ParamKind.PLAIN
+    words: frozenset[str] = frozenset()  # MEDIA: values (lower case) that are keywords, not files
 
     def coerce(self, value: Any) -> Any:
         """Return ``value`` as this parameter's type, or raise ValueError saying what was expected.
@@ -99,6 +108,8 @@ class Param:
                 out = float(value)
             except (TypeError, ValueError):
                 raise ValueError(f"expected a number, got {value!r}") from None
+            if not math.isfinite(out):  # nan passes every bound check; inf is never meant
+                raise ValueError(f"expected a finite number, got {value!r}")
         else:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {value!r}")
@@ -115,6 +126,11 @@ class Param:
 def option(name: str) -> str:
     """The argv option of a parameter: ``trim_start`` -> ``--trim-start``."""
     return "--" + name.replace("_", "-")
+
+
+#: ``allow_truncated``, declared by every stage that reads its input to the end (stages.video.check_complete).
+ALLOW_TRUNCATED = Param(bool, False, "accept an input that decodes fewer frames than its container declares "
+                                     "(a warning instead of input_invalid)")
 
 
 class StageEvents:
@@ -174,6 +190,12 @@ class StageEvents:
         log.error("%s failed (%s): %s", self.stage, kind.value, message)
         if self._sender:
             self._sender.send(STAGE_FAILED, stage=self.stage, kind=kind.value, message=message[:4000])
+
+    def warning(self, kind: WarningKind, message: str) -> None:
+        """Something the stage accepted but the operator must hear of (sent before ``done``)."""
+        log.warning("%s warning (%s): %s", self.stage, kind.value, message)
+        if self._sender:
+            self._sender.send(STAGE_WARNING, stage=self.stage, kind=kind.value, message=message[:4000])
 
 
 @dataclass(frozen=True)
@@ -309,6 +331,9 @@ def stage_main(
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format=f"%(asctime)s {name} %(levelname)s %(message)s"
     )
+    if not watch_parent():  # a stage never outlives the launcher that started it (stages/parentwatch.py)
+        log.warning("the launcher that started this stage is already gone; not starting")
+        return EXIT_INTERRUPTED
     if args.serve:
         from stages.worker import serve
 

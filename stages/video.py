@@ -8,18 +8,21 @@ re-exported here; its docstring lists the codec presets and what each costs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
 
 import cv2
 import numpy as np
 
-from stages.events import ErrorKind
-from stages.stage import StageError
+from stages.events import ErrorKind, WarningKind
+from stages.stage import StageError, StageEvents
 from stages.videowriter import (
     NO_WINDOW,
     AudioSource,
@@ -34,12 +37,16 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "AudioSource",
     "Codec",
+    "DataExtent",
+    "InputTruncated",
     "VideoInfo",
     "VideoInputError",
     "VideoOutputError",
     "VideoReader",
     "VideoWriter",
+    "check_complete",
     "convert_image",
+    "data_extent",
     "decode_image",
     "fps_fraction",
     "has_audio",
@@ -58,6 +65,14 @@ _FALLBACK_FPS = 30.0
 
 class VideoInputError(StageError):
     """The input is missing (INPUT_MISSING) or is not a readable video / has no frames (INPUT_INVALID)."""
+
+
+class InputTruncated(VideoInputError):
+    """INPUT_INVALID: the file decoded fewer frames than its container declares, and its data ends early."""
+
+    def __init__(self, message: str, decoded: int, declared: int) -> None:
+        super().__init__(ErrorKind.INPUT_INVALID, message)
+        self.decoded, self.declared = decoded, declared
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:
@@ -137,7 +152,8 @@ class VideoReader:
     Opening reads the first frame, so a reader that opened has at least one frame and knows its
     size. ``frame_count`` is exact for image folders but only an estimate for files (OpenCV derives
     it from the container's duration and frame rate; -1 if unknown): count what you read when it
-    matters. ``fps`` falls back to 30 (with a warning) when a file reports none.
+    matters, and ``check_complete`` it. ``fps`` falls back to 30 (with a warning) when a file reports
+    none. ``position``: how many source frames the last pass got through (decoded or skipped).
     Iterating again starts from the first frame (one iteration at a time: they share the decoder).
     """
 
@@ -146,6 +162,7 @@ class VideoReader:
         self._cap: cv2.VideoCapture | None = None
         self._first: np.ndarray | None = None
         self._images: list[Path] = []
+        self.position = 0
         if not self.path.exists():
             raise VideoInputError(ErrorKind.INPUT_MISSING, f"input not found: {self.path}")
         if not image_fps > 0:
@@ -189,6 +206,7 @@ class VideoReader:
     def frames(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """Yield frames ``start`` <= i < ``stop`` (skipped frames of a file are decoded, not converted)."""
         if self._images:
+            self.position = min(start, len(self._images))
             for image in self._images[start:stop]:
                 frame = read_image(image)
                 if frame.shape[:2] != (self.height, self.width):
@@ -197,6 +215,7 @@ class VideoReader:
                         f"{image}: size {frame.shape[1]}x{frame.shape[0]} differs from the first image's "
                         f"{self.width}x{self.height}",
                     )
+                self.position += 1
                 yield frame
             return
         cap, first = self._cap, self._first
@@ -205,21 +224,22 @@ class VideoReader:
             if cap is not None:
                 cap.release()
             cap = self._cap = self._open_capture()
-        index = 0
+        index = self.position = 0
         if first is not None:  # frame 0 was decoded when opening
+            index = self.position = 1
             if start == 0 and (stop is None or stop > 0):
                 yield first
-            index = 1
         while stop is None or index < stop:
             if index < start:
                 if not cap.grab():
                     return
+                index = self.position = index + 1
             else:
                 ok, frame = cap.read()
                 if not ok or frame is None:
                     return
+                index = self.position = index + 1
                 yield to_bgr8(frame)
-            index += 1
 
     def close(self) -> None:
         """Release the decoder (idempotent)."""
@@ -311,3 +331,111 @@ def probe(path: Path, count_frames: bool = False) -> VideoInfo:
         int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3]),
         audio_codec=None if audio is None else audio[1],
     )
+
+
+@dataclass(frozen=True)
+class DataExtent:
+    """How long a container says it is, and where its video and audio packets really end (seconds)."""
+
+    duration: float | None  # None: the container declares none (or ffmpeg only estimated it from the bitrate)
+    end: float | None  # the latest packet end over its video and audio streams; None: no packet
+
+
+_PACKET = re.compile(r"^(\d+),\s*(-?\d+),\s*(-?\d+),\s*(\d+),")
+_TIME_BASE = re.compile(r"^#tb (\d+): (\d+)/(\d+)")
+_NO_TIMESTAMP = -(2**62)  # AV_NOPTS_VALUE prints as -2**63
+
+
+def data_extent(path: Path) -> DataExtent | None:
+    """The declared duration of ``path`` and where its packets end; None if ffmpeg cannot demux it.
+
+    Lists every video and audio packet (stream copy into ffmpeg's ``framecrc``: no decoding, but it
+    reads every byte), as ffmpeg's own timestamps relative to the start, so the two compare.
+    """
+    path = Path(path)
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", str(path),
+           "-map", "0:v", "-map", "0:a?", "-c", "copy", "-f", "framecrc", "-"]
+    bases: dict[int, float] = {}
+    end: float | None = None
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: ffmpeg never blocks on it
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    creationflags=NO_WINDOW)
+        except OSError as exc:
+            log.warning("cannot run ffmpeg on %s: %s", path, exc)
+            return None
+        stdout = cast(IO[bytes], proc.stdout)
+        try:
+            for raw in stdout:
+                line = raw.decode("ascii", "replace")
+                packet = _PACKET.match(line)
+                if packet is None:
+                    base = _TIME_BASE.match(line)
+                    if base:
+                        bases[int(base[1])] = int(base[2]) / int(base[3])
+                    continue
+                stream, dts, pts, length = (int(x) for x in packet.groups())
+                stamp = max(dts, pts)
+                if stamp > _NO_TIMESTAMP and stream in bases:
+                    packet_end = (stamp + length) * bases[stream]
+                    end = packet_end if end is None else max(end, packet_end)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(OSError):
+                stdout.close()
+            proc.wait()
+        err.seek(0)
+        text = err.read().decode("utf-8", "replace")
+    if code != 0:
+        log.warning("ffmpeg could not demux %s (exit code %d): %s", path, code, text[-500:].strip())
+        return None
+    declared = _DURATION.search(text)
+    estimated = "Estimating duration from bitrate" in text
+    duration = None if declared is None or estimated else (
+        int(declared[1]) * 3600 + int(declared[2]) * 60 + float(declared[3]))
+    return DataExtent(duration, end)
+
+
+def check_complete(path: Path, declared: int, decoded: int, *, allow: bool, events: StageEvents | None = None,
+                   start: int = 0, stop: int | None = None) -> str | None:
+    """Raise InputTruncated (INPUT_INVALID) if a file input decoded fewer frames than its container declares.
+
+    ``declared``: the reader's ``frame_count``; ``decoded``: the source frames the decoder got
+    through; ``start``/``stop``: the range that was asked for (a trim ending early on purpose is not
+    a shortfall). The declared count is exact in mp4/mov (their sample count) but only estimated
+    (duration x fps) elsewhere, and it exceeds the frames of legitimate files (an mkv whose audio
+    runs longer, variable frame rate, a stream-copy cut's edit list). So a shortfall is confirmed by
+    ``data_extent``: the file is truncated when its packets end before its declared duration by
+    more than three frames and 1 %, or cannot be demuxed. With ``allow`` it is accepted: a
+    ``stage/warning`` (``input_truncated``) is sent and its text returned. None when complete.
+    """
+    path = Path(path)
+    wanted = declared if stop is None else min(stop, declared)
+    if path.is_dir() or declared <= 0 or start >= wanted or decoded >= wanted:
+        return None
+    extent = data_extent(path)
+    detail = ""
+    if extent is not None:
+        if extent.duration is None:
+            log.info("%s: %d of %d frames, but its container declares no duration: not truncated",
+                     path, decoded, declared)
+            return None
+        slack = max(3 * extent.duration / declared, 0.01 * extent.duration)
+        if extent.end is not None and extent.end >= extent.duration - slack:
+            log.info("%s: %d of %d (estimated) frames; its data lasts its whole %.2f s: complete",
+                     path, decoded, declared, extent.duration)
+            return None
+        detail = f"its data ends at {extent.end or 0.0:.2f} s of {extent.duration:.2f} s"
+    else:
+        detail = "ffmpeg cannot read it to its end either"
+    what = f"{path}: input truncated: decoded {decoded} of {declared} frames the container declares ({detail})"
+    if not allow:
+        raise InputTruncated(f"{what}; set allow_truncated = true to accept", decoded, declared)
+    message = f"{what}; accepted (allow_truncated)"
+    if events is not None:
+        events.warning(WarningKind.INPUT_TRUNCATED, message)
+    else:
+        log.warning("%s", message)
+    return message

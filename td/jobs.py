@@ -40,7 +40,8 @@ class JobTable:
             "job/queued": self._job_queued, "job/started": self._job_started, "job/stage_started": self._stage_started,
             "job/progress": self._progress, "job/stage_done": self._stage_done,
             "job/stage_failed": self._stage_failed, "job/done": self._job_done,
-            "job/failed": self._job_failed, "job/cancelled": self._job_cancelled, **self.daemon.handlers(),
+            "job/failed": self._job_failed, "job/cancelled": self._job_cancelled, "job/warning": self._job_warning,
+            **self.daemon.handlers(),
         }
 
     # ------------------------------------------------------------------------------ rows and queries
@@ -225,3 +226,8 @@ class JobTable:
 
     def _job_cancelled(self, f: dict[str, Any]) -> None:
         self.finish(self.event_row(f["job"]), "cancelled")
+
+    def _job_warning(self, f: dict[str, Any]) -> None:
+        row, text = self.event_row(f["job"]), f"{f['stage']}: {f['kind']}: {f['message']}"
+        if text not in row.warnings:  # the same Event by report and as a subscriber counts once
+            row.warnings += (text,)

@@ -39,6 +39,7 @@ class JobRow:
     fps: float = 0.0
     outputs: tuple[str, ...] = ()
     error: str = ""
+    warnings: tuple[str, ...] = ()  # job/warning Events: "stage: kind: message"; shown where no error is
     stderr: str = ""
     created: float = 0.0
     last_event: float | None = None
@@ -63,8 +64,9 @@ class JobRow:
         stage = f"{self.index + 1}/{self.stages} {self.stage}" if self.stages and self.index >= 0 else self.stage
         beat = (time.strftime("%H:%M:%S", time.localtime(self.last_event_wall))
                 if self.last_event_wall is not None else "")
+        error = self.error or "; ".join(f"warning: {w}" for w in self.warnings)
         return [self.job, self.pipeline, stage, self.state, f"{self.progress:.3f}",
-                f"{self.fps:.1f}" if self.fps else "", self.output, self.error, beat]
+                f"{self.fps:.1f}" if self.fps else "", self.output, error, beat]
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
@@ -276,11 +277,15 @@ def test_publish_never_leaves_partial_file(tmp_path: Path, monkeypatch: pytest.M
     src.write_bytes(b"x" * 1000)
     dst = tmp_path / "out" / "final.bin"
 
-    def broken_move(a: str, b: str) -> None:
-        Path(b).write_bytes(b"x" * 10)  # half copied, then the disk fills up
-        raise OSError("disk full")
+    def cross_device(a: str, b: str) -> None:  # the work folder is on another file system: copy
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr("orchestrator.job.shutil.move", broken_move)
+    def broken_copy(a: str, b: str) -> None:
+        Path(b).write_bytes(b"x" * 10)  # half copied, then the disk fills up
+        raise OSError(errno.ENOSPC, "disk full")
+
+    monkeypatch.setattr("orchestrator.job.os.rename", cross_device)
+    monkeypatch.setattr("orchestrator.job.shutil.copy2", broken_copy)
     with pytest.raises(OSError):
         publish(src, dst)
     assert not dst.exists()

@@ -12,14 +12,16 @@ import struct
 import pytest
 
 from orchestrator.commands import CMD_RUN, COMMANDS, REPLIES, Refusal
-from orchestrator.events import JOB_EVENTS, JOB_FAILED, JOB_PROGRESS
+from orchestrator.events import JOB_EVENTS, JOB_FAILED, JOB_PROGRESS, JOB_WARNING
 from stages.events import (
     STAGE_DONE,
     STAGE_EVENTS,
     STAGE_PROGRESS,
+    STAGE_WARNING,
     ErrorKind,
     EventError,
     EventSpec,
+    WarningKind,
     decode,
     encode,
 )
@@ -41,6 +43,14 @@ JOB_PROGRESS_PACKET = (
     b"/cuepipe/v1/job/progress\x00\x00\x00\x00,sisfiiff\x00\x00\x0020261122-031500-a1b2\x00\x00\x00\x00"
     b"\x00\x00\x00\x01matting\x00>\x80\x00\x00\x00\x00\x00\x0c\x00\x00\x000A\x18\x00\x00? \x00\x00"
 )
+STAGE_WARNING_PACKET = (
+    b"/cuepipe/v1/stage/warning\x00\x00\x00,sss\x00\x00\x00\x00preprocess\x00\x00input_truncated\x00"
+    b"decoded 11 of 50 frames\x00"
+)
+JOB_WARNING_PACKET = (
+    b"/cuepipe/v1/job/warning\x00,sisss\x00\x0020261122-031500-a1b2\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"preprocess\x00\x00input_truncated\x00decoded 11 of 50 frames\x00"
+)
 CMD_RUN_PACKET = (
     b"/cuepipe/v1/cmd/run\x00,sissis\x00btn1\x00\x00\x00\x00\x00\x00\x1bXmatte\x00\x00\x00"
     b"/takes/t1.mp4\x00\x00\x00\x00\x00\x00\nmatting.ratio=0.5\x00\x00\x00"
@@ -57,6 +67,11 @@ CASES: list[tuple[bytes, EventSpec, dict[str, object]]] = [
     (JOB_PROGRESS_PACKET, JOB_PROGRESS,
      {"job": "20261122-031500-a1b2", "index": 1, "stage": "matting", "fraction": 0.25, "frame": 12,
       "total": 48, "fps": 9.5, "overall": 0.625}),
+    (STAGE_WARNING_PACKET, STAGE_WARNING,
+     {"stage": "preprocess", "kind": "input_truncated", "message": "decoded 11 of 50 frames"}),
+    (JOB_WARNING_PACKET, JOB_WARNING,
+     {"job": "20261122-031500-a1b2", "index": 0, "stage": "preprocess", "kind": "input_truncated",
+      "message": "decoded 11 of 50 frames"}),
     (CMD_RUN_PACKET, CMD_RUN,
      {"tag": "btn1", "reply_port": 7000, "pipeline": "matte", "input": "/takes/t1.mp4", "priority": 10,
       "sets": ("matting.ratio=0.5",)}),
@@ -119,5 +134,7 @@ def test_docs_declare_exactly_the_code_address_space() -> None:
     assert set(rows) == {s.address for s in ALL}, "docs list an Event the code does not declare"
     for kind in ErrorKind:
         assert f"| `{kind.value}` |" in text, f"failure kind {kind.value} undocumented"
+    for warning in WarningKind:
+        assert f"| `{warning.value}` |" in text, f"warning kind {warning.value} undocumented"
     for reason in Refusal:
         assert f"| `{reason.value}` |" in text, f"refusal reason {reason.value} undocumented"

@@ -54,6 +54,20 @@ def test_rows_follow_the_job_events() -> None:
     assert stage_done == [("J", 0, ("/w/a",))] and ended == [("J", "done")]
 
 
+def test_a_warning_shows_in_the_error_column_until_an_error_does() -> None:
+    table = JobTable(now=Clock())
+    send(table, protocol.JOB_STARTED, job="W", pipeline="prep", input="/in.mp4", stages=1)
+    for _ in range(2):  # by report and as a subscriber: shown once
+        assert send(table, protocol.JOB_WARNING, job="W", index=0, stage="preprocess", kind="input_truncated",
+                    message="decoded 11 of 50 frames")
+    send(table, protocol.JOB_DONE, job="W", seconds=1.0, outputs=["/out/a.mkv"])
+    row = table.rows["W"]
+    assert row.state == "done" and row.warnings == ("preprocess: input_truncated: decoded 11 of 50 frames",)
+    assert row.cells()[COLUMNS.index("error")] == "warning: preprocess: input_truncated: decoded 11 of 50 frames"
+    row.error = "a real error"
+    assert row.cells()[COLUMNS.index("error")] == "a real error"
+
+
 def test_failure_and_cancel_rows() -> None:
     table = JobTable(now=Clock())
     send(table, protocol.JOB_FAILED, job="F", index=0, stage="matting", exit_code=1, kind="model_missing",

@@ -30,6 +30,11 @@ warm = true
 stage = "misbehaving"
 warm = true
 params = { mode = "hang_silent" }
+[pipelines.fail]
+[[pipelines.fail.stages]]
+stage = "misbehaving"
+warm = true
+params = { mode = "fail" }
 """
 
 
@@ -108,3 +113,21 @@ def test_cancel_kills_the_resident_worker(setup) -> None:  # type: ignore[no-unt
     assert result.state is JobState.CANCELLED
     assert pool.states() == []  # killed on purpose, not kept
     assert pool.backoff("misbehaving") == 0.0  # and not counted as a crash
+
+
+def test_each_job_on_a_resident_worker_gets_its_own_log_tail(setup) -> None:  # type: ignore[no-untyped-def]
+    """Issue 9: every job of a resident worker writes to one log; a failed job's stderr tail carried
+    the previous job's error. Two failing jobs on one worker: each tail names only its own input."""
+    tmp_path, pipelines, pool = setup
+    tails, pids = [], []
+    for name in ("first-take.txt", "second-take.txt"):
+        (tmp_path / name).write_text("pretend video")
+        events: list[Event] = []
+        result = Job(pipelines.pipelines["fail"], tmp_path / name, events.append, pool=pool).run()
+        assert result.state is JobState.FAILED and result.kind is not None and result.kind.value == "input_invalid"
+        pids.append(next(e["pid"] for e in events if e.spec.name == "job/stage_started"))
+        tails.append(next(e["stderr"] for e in events if e.spec.name == "job/stage_failed"))
+    assert pids[0] == pids[1], "both jobs must run on the same resident worker"
+    assert "first-take.txt is not what this stage wants" in tails[0]
+    assert "second-take.txt is not what this stage wants" in tails[1]
+    assert "first-take" not in tails[1] and "second-take" not in tails[0]
