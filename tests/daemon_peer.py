@@ -16,6 +16,47 @@ from orchestrator.events import JOB_EVENTS
 from stages.events import Event, decode, encode
 from tests.conftest import subprocess_env
 
+#: Pipelines of the misbehaving test stage (and one real one), shared by the daemon and failure tests.
+PIPELINES = """
+version = 1
+[defaults]
+stall_timeout = 0
+[pipelines.quick]
+[[pipelines.quick.stages]]
+stage = "misbehaving"
+[pipelines.slow]
+[[pipelines.slow.stages]]
+stage = "misbehaving"
+params = { mode = "hang_silent" }
+[pipelines.warm]
+[[pipelines.warm.stages]]
+stage = "misbehaving"
+warm = true
+[pipelines.live]
+keep_running = true
+[[pipelines.live.stages]]
+stage = "misbehaving"
+params = { mode = "exit3" }
+[pipelines.crashy]
+[[pipelines.crashy.stages]]
+stage = "misbehaving"
+retries = 1
+params = { mode = "slow", frames = 200 }
+[pipelines.slowish]
+[[pipelines.slowish.stages]]
+stage = "misbehaving"
+params = { mode = "slow", frames = 60 }
+[pipelines.stubborn]
+[[pipelines.stubborn.stages]]
+stage = "misbehaving"
+params = { mode = "stubborn" }
+[pipelines.matte]
+[[pipelines.matte.stages]]
+stage = "matting"
+[[pipelines.matte.stages]]
+stage = "composite"
+"""
+
 BY_NAME = {spec.name: spec for spec in COMMANDS}
 
 

@@ -17,34 +17,7 @@ import pytest
 from orchestrator.commands import COMMANDS
 from stages.events import EventError, decode
 from tests.conftest import subprocess_env
-from tests.daemon_peer import Client, Server
-
-PIPELINES = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.quick]
-[[pipelines.quick.stages]]
-stage = "misbehaving"
-[pipelines.slow]
-[[pipelines.slow.stages]]
-stage = "misbehaving"
-params = { mode = "hang_silent" }
-[pipelines.warm]
-[[pipelines.warm.stages]]
-stage = "misbehaving"
-warm = true
-[pipelines.live]
-keep_running = true
-[[pipelines.live.stages]]
-stage = "misbehaving"
-params = { mode = "exit3" }
-[pipelines.crashy]
-[[pipelines.crashy.stages]]
-stage = "misbehaving"
-retries = 1
-params = { mode = "slow", frames = 200 }
-"""
+from tests.daemon_peer import PIPELINES, Client, Server
 
 
 @pytest.fixture

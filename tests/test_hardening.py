@@ -24,25 +24,9 @@ from stages import load
 from stages.events import Event, decode, encode
 from stages.stage import StageError
 from tests.conftest import subprocess_env
-from tests.daemon_peer import Client, Server
+from tests.daemon_peer import PIPELINES, Client, Server
 
-TOML = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.quick]
-[[pipelines.quick.stages]]
-stage = "misbehaving"
-[pipelines.slowish]
-[[pipelines.slowish.stages]]
-stage = "misbehaving"
-params = { mode = "slow", frames = 60 }
-[pipelines.matte]
-[[pipelines.matte.stages]]
-stage = "matting"
-[[pipelines.matte.stages]]
-stage = "composite"
-"""
+TOML = PIPELINES
 
 
 @pytest.fixture

@@ -18,26 +18,13 @@ import pytest
 from orchestrator.worker import ProcessRegistry, Worker, reap_leftovers
 from stages.parentwatch import PARENT_ENV, parent_token
 from tests.conftest import subprocess_env
+from tests.daemon_peer import PIPELINES
 
 POSIX_ONLY = pytest.mark.skipif(
     sys.platform == "win32",
     reason="kills a launcher with SIGKILL and relies on process groups; on Windows the kill-on-close Job "
            "Object does this, and that cannot run here",
 )
-
-PIPELINES = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.slow]
-[[pipelines.slow.stages]]
-stage = "misbehaving"
-params = { mode = "hang_silent" }
-[pipelines.stubborn]
-[[pipelines.stubborn.stages]]
-stage = "misbehaving"
-params = { mode = "stubborn" }
-"""
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
