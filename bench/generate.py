@@ -3,7 +3,7 @@
     python bench/generate.py [--frames 48] [--rounds 3] [--threads 0] [--hidden 32] [--quick]
 
 Prints one table (medians over ``rounds`` interleaved rounds). The model is a test-built random conv
-generator (``tests/genmodels.py``: 3x3 conv -> ReLU -> 3x3 conv -> sigmoid, ``hidden`` channels,
+generator (``tests/support/genmodels.py``: 3x3 conv -> ReLU -> 3x3 conv -> sigmoid, ``hidden`` channels,
 NCHW RGB [0,1], dynamic size; needs the ``onnx`` package). The input is ``orchestrator.democlip``'s
 figure with its exact mask as a BGRA UT Video clip, as ``matting``'s ``rgba`` output holds it.
 CPU ms/frame counts this process and its ffmpeg children; frames/s is sensitive to load from
@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.genmodels, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support.genmodels, when run as a script
 
 from models.generator import GeneratorContract
 from orchestrator.democlip import render_frames
@@ -43,7 +43,7 @@ from stages.genframes import FramePass
 from stages.rgba import RgbaReader
 from stages.stage import StageEvents
 from stages.video import Codec, VideoWriter
-from tests import genmodels
+from tests.support import genmodels
 
 SIZES = [(320, 180), (640, 360), (1280, 720)]
 MODES = ["frame", "person"]

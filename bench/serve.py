@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models import resolve  # noqa: E402
 from orchestrator.commands import CMD_RUN, REPLIES  # noqa: E402
 from orchestrator.democlip import render_frames  # noqa: E402
 from orchestrator.events import JOB_EVENTS  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> None:
     (folder / "pipelines.toml").write_text(PIPELINES.format(ratio=args.ratio))
 
     # The floor: one frame of bare inference on a warm session with fresh (zero) state.
-    model = RVM(ROOT / "models" / "weights" / "rvm_mobilenetv3_fp32.onnx")
+    model = RVM(resolve("rvm_mobilenetv3_fp32"))  # via the manifest: $CUEPIPE_MODELS is honoured
     frame = next(render_frames(width, height, 1))[0]
     buf = InputBuffer(width, height)
     bare = []

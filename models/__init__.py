@@ -1,6 +1,7 @@
 """The model manifest (``models/manifest.toml``) as frozen specs, and where model files live.
 
-Stdlib-only at import so stages can resolve a model name cheaply before loading onnxruntime.
+Stdlib-only at import (plus the shared failure vocabulary, ``stages.errors``) so stages can resolve a
+model name cheaply before loading onnxruntime.
 Fetching and verifying files is in ``models.fetch`` (``cuepipe models ...``); models that cuepipe
 builds itself (an entry's ``builtin`` key) are in ``models.builtin``.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from models.builtin import BUILDERS
 from models.generator import ContractError, GeneratorContract
+from stages.errors import CuepipeError, ErrorKind
 
 __all__ = [
     "DownsampleRatio",
@@ -40,12 +42,16 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class ModelError(Exception):
-    """Base of every model problem (missing, invalid, bad manifest)."""
+class ModelError(CuepipeError):
+    """Base of every model problem (missing, invalid, bad manifest); ``kind`` says which."""
+
+    kind = ErrorKind.MODEL_INVALID
 
 
 class ModelMissingError(ModelError):
     """The model file (or the name) is not there; the message says how to get it."""
+
+    kind = ErrorKind.MODEL_MISSING
 
 
 class ModelInvalidError(ModelError):
@@ -54,6 +60,8 @@ class ModelInvalidError(ModelError):
 
 class ManifestError(ModelError):
     """``manifest.toml`` is malformed; the message names the entry and the key."""
+
+    kind = ErrorKind.CONFIG_INVALID
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stages.errors import CuepipeError, ErrorKind
+
 __all__ = ["BUILDERS", "TOON_INPUT", "TOON_OUTPUT", "BuiltinError", "build", "build_toon", "toon_bytes"]
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,10 @@ INK_DARKNESS = 0.85  # a full outline keeps 15% of the colour underneath
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601, RGB order
 
 
-class BuiltinError(RuntimeError):
+class BuiltinError(CuepipeError, RuntimeError):
     """A built-in model cannot be built (unknown name, or onnx is not installed)."""
+
+    kind = ErrorKind.MODEL_MISSING
 
 
 def _onnx() -> Any:

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from stages.errors import CuepipeError, ErrorKind
+
 __all__ = ["CONTRACT_KEYS", "ContractError", "GeneratorContract", "parse_range", "parse_size"]
 
 LAYOUTS = ("nchw", "nhwc")
@@ -39,8 +41,10 @@ _SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
 _NAMED_RANGES = {"unit": (0.0, 1.0), "tanh": (-1.0, 1.0), "byte": (0.0, 255.0)}
 
 
-class ContractError(ValueError):
+class ContractError(CuepipeError, ValueError):
     """A contract value is malformed; the message names the key."""
+
+    kind = ErrorKind.BAD_ARGUMENT
 
 
 def parse_range(value: Any, key: str = "range") -> tuple[float, float]:

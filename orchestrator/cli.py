@@ -7,39 +7,22 @@ pipelines file, unknown pipeline, bad ``--set``, missing input or model); 130 ca
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import re
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from orchestrator import defaults
-from orchestrator.events import JOB_FAILED, NO_EXIT_CODE
-from orchestrator.job import Job, JobResult, JobState, new_job_id
-from orchestrator.pipeline import (
-    ConfigError,
-    Pipeline,
-    PipelineFile,
-    apply_overrides,
-    describe,
-    find_file,
-    load_file,
-    missing_resources,
-)
-from orchestrator.terminal import EventDisplay
-from stages.events import ErrorKind, Event, EventSender, parse_address
+from orchestrator.job import JobState
+from orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
+from orchestrator.runner import cancel_on_signals, load_pipelines, run_job
+from stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK
+from stages.events import parse_address
 
 log = logging.getLogger("cuepipe")
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
-
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -55,105 +38,6 @@ def _address(text: str) -> tuple[str, int]:
         return parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-@contextmanager
-def cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
-    """Ctrl-C / SIGTERM (SIGBREAK on Windows) set ``cancel``; the Job stops its stage and reports."""
-    names = ["SIGINT", "SIGTERM", "SIGBREAK"]
-    signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in signals:
-            previous[sig] = signal.signal(sig, lambda *_: cancel.set())
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def cancel_on_eof(cancel: threading.Event) -> None:
-    """Set ``cancel`` when standard input closes: how TouchDesigner (or any parent) cancels a run on
-    Windows, where a GUI process cannot send CTRL_BREAK. A parent that dies closes it too, so an
-    orphaned job stops instead of running on. The thread ends with the process (it only reads)."""
-
-    def wait_for_eof() -> None:
-        # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the buffered reader
-        # holds its lock, and CPython aborts (SIGABRT) when it finds that lock held at shutdown.
-        with contextlib.suppress(OSError, ValueError):
-            fd = sys.stdin.fileno()
-            while os.read(fd, 4096):
-                pass
-        cancel.set()
-
-    threading.Thread(target=wait_for_eof, name="cuepipe-cancel-on-eof", daemon=True).start()
-
-
-def run_job(
-    pipelines: PipelineFile | None,
-    name: str,
-    input: Path,
-    reports: Sequence[tuple[str, int]],
-    sets: Sequence[str] = (),
-    out: Path | None = None,
-    json_lines: bool = False,
-    keep_work: bool = False,
-    config_error: ConfigError | None = None,
-    extra_sink: Callable[[Event], None] | None = None,
-    job_id: str | None = None,
-    eof_cancels: bool = False,
-) -> tuple[int, JobResult | None]:
-    """Run one Job with Events to ``reports`` and the terminal; returns (exit code, result)."""
-    pipeline: Pipeline | None = None
-    kind, message = ErrorKind.CONFIG_INVALID, ""
-    if config_error is not None:
-        message = str(config_error)
-    elif pipelines is not None and name not in pipelines.pipelines:
-        kind = ErrorKind.UNKNOWN_PIPELINE
-        message = f"unknown pipeline {name!r} in {pipelines.path} (known: {', '.join(pipelines.pipelines)})"
-    elif pipelines is not None:
-        try:
-            pipeline = apply_overrides(pipelines, pipelines.pipelines[name], list(sets))
-            missing = missing_resources(pipeline)
-            if missing:
-                kind, message = ErrorKind.MODEL_MISSING, "; ".join(missing)
-                pipeline = None
-        except ConfigError as exc:
-            message = str(exc)
-    targets = list(reports) + (list(pipeline.report) if pipeline else [])
-    with EventSender(targets) as sender, EventDisplay(json_lines) as display:
-        def sink(event: Event) -> None:
-            sender.emit(event)
-            display.show(event)
-            if extra_sink:
-                extra_sink(event)
-
-        job_id = job_id or new_job_id()
-        if pipeline is None:
-            sink(Event(JOB_FAILED, {"job": job_id, "index": -1, "stage": "", "exit_code": NO_EXIT_CODE,
-                                    "kind": kind.value, "message": message}))
-            return EXIT_USAGE, None
-        cancel = threading.Event()
-        if eof_cancels:
-            cancel_on_eof(cancel)
-        job = Job(pipeline, input, sink, out_dir=out, job_id=job_id, cancel=cancel, keep_work=keep_work)
-        with cancel_on_signals(cancel):
-            result = job.run()
-    if result.state is JobState.DONE:
-        return EXIT_OK, result
-    if result.state is JobState.CANCELLED:
-        return EXIT_CANCELLED, result
-    if result.stage_index < 0:  # rejected before any stage ran: the request was wrong
-        return EXIT_USAGE, result
-    return EXIT_FAILED, result
-
-
-def load_pipelines(path: Path | None) -> tuple[PipelineFile | None, ConfigError | None]:
-    try:
-        return load_file(find_file(path)), None
-    except ConfigError as exc:
-        return None, exc
 
 
 def load_or_report(path: Path | None) -> PipelineFile | None:
@@ -177,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_pipelines(args: argparse.Namespace) -> int:
     pipelines = load_or_report(args.pipelines)
     if pipelines is None:
-        return EXIT_USAGE
+        return EXIT_BAD_ARGUMENT
     if args.json:
         print(json.dumps(describe(pipelines), indent=2))
         return EXIT_OK
@@ -190,7 +74,7 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     pipelines = load_or_report(args.pipelines)
     if pipelines is None:
-        return EXIT_USAGE
+        return EXIT_BAD_ARGUMENT
     problems: list[str] = []
     for p in pipelines.pipelines.values():
         missing = missing_resources(p)
@@ -224,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     pipelines = load_or_report(args.pipelines)
     if pipelines is None:
-        return EXIT_USAGE
+        return EXIT_BAD_ARGUMENT
     config = DaemonConfig(host=args.host, port=args.port, allow=tuple(args.allow),
                           roots=tuple(Path(r).resolve() for r in args.root), state_dir=args.state,
                           slots=args.slots, max_queue=args.max_queue, policy=RestartPolicy(args.on_restart),
@@ -233,11 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         daemon = Daemon(config, pipelines)
     except (DaemonError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_BAD_ARGUMENT
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc} (another cuepipe serve, or TD, on that "
               "port? choose another with --port)", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_BAD_ARGUMENT
     print(f"cuepipe serve listening on {args.host}:{daemon.socket.port}", flush=True)
     stop = threading.Event()
     with cancel_on_signals(stop):

@@ -29,6 +29,7 @@ from orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
 from orchestrator.transport import DatagramQueue, EventSocket
 from orchestrator.worker import ProcessRegistry, reap_leftovers
 from orchestrator.worker_pool import WorkerPool
+from stages.errors import CuepipeError, ErrorKind
 from stages.events import PREFIX, Event, EventError, EventSpec, MalformedPacket, UnknownAddress, decode, encode
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ def _readable_head(exc: EventError, peer: tuple[str, int]) -> tuple[str, str, tu
     return tag, command, (peer[0], port if 0 < port <= _MAX_PORT else peer[1])
 
 
-class DaemonError(Exception):
+class DaemonError(CuepipeError):
     """The daemon cannot start with this configuration."""
+
+    kind = ErrorKind.CONFIG_INVALID
 
 
 @dataclass(frozen=True)

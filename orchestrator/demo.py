@@ -16,7 +16,9 @@ from pathlib import Path
 
 from orchestrator import defaults
 from orchestrator.events import JOB_EVENTS
+from orchestrator.runner import load_pipelines, run_job
 from orchestrator.transport import EventListener
+from stages.errors import EXIT_FAILED
 from stages.events import Event
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = 
          pipeline: str | None = None) -> int:
     from models import ModelError
     from models.fetch import fetch
-    from orchestrator.cli import EXIT_FAILED, load_pipelines, run_job
     from orchestrator.democlip import write_clip
 
     name = pipeline or defaults.DEMO_PIPELINE

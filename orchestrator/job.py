@@ -42,7 +42,8 @@ from orchestrator.transport import EventSocket
 from orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
 from orchestrator.worker_pool import ResidentTask, WorkerPool
 from stages import STAGES
-from stages.events import STAGE_EVENTS, ErrorKind, Event, EventSpec
+from stages.errors import CuepipeError, ErrorKind
+from stages.events import STAGE_EVENTS, Event, EventSpec
 from stages.stage import option
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,10 @@ def new_job_id(now: Callable[[], datetime] = datetime.now) -> str:
     return f"{now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-class PublishError(OSError):
+class PublishError(CuepipeError, OSError):
     """Publishing failed and was rolled back; ``index`` is the (src, dst) pair that failed."""
+
+    kind = ErrorKind.OUTPUT_ERROR
 
     def __init__(self, message: str, index: int) -> None:
         super().__init__(message)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.job import JobState
+from stages.errors import CuepipeError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -72,7 +73,7 @@ class JobRecord:
         return self.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED)
 
 
-class JournalError(Exception):
+class JournalError(CuepipeError):
     """The journal cannot be opened, is corrupt, or cannot be written; the message says which and where."""
 
 

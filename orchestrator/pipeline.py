@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -17,12 +17,15 @@ from typing import Any
 
 from orchestrator import defaults
 from stages import STAGES, load
+from stages.errors import CuepipeError, ErrorKind
 from stages.events import parse_address
 from stages.stage import Param, ParamKind
 
 
-class ConfigError(Exception):
+class ConfigError(CuepipeError):
     """``pipelines.toml`` is invalid; the message names file, pipeline, stage and key."""
+
+    kind = ErrorKind.CONFIG_INVALID
 
     def __init__(
         self, file: Path | str, message: str, pipeline: str | None = None,
@@ -340,3 +343,49 @@ def describe(pipelines: PipelineFile) -> dict[str, Any]:
             for p in pipelines.pipelines.values()
         ],
     }
+
+
+class RequestError(CuepipeError):
+    """A request cannot run as asked; ``kind`` says why (unknown pipeline, bad override, not allowed,
+    missing model or input): what ``cuepipe run`` reports as ``job/failed`` and the daemon as a refusal."""
+
+
+def under_roots(path: Path, roots: Sequence[Path]) -> bool:
+    """True when ``path`` — symlinks and ``..`` resolved — lies inside one of ``roots``."""
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def resolve_request(pipelines: PipelineFile, name: str, sets: Sequence[str] = (), input: Path | None = None,
+                    roots: Sequence[Path] | None = None) -> Pipeline:
+    """The one way a request becomes a runnable Pipeline, for ``cuepipe run`` and ``cuepipe serve`` alike.
+
+    In order: the pipeline exists; the overrides are valid; with ``roots`` (the daemon), every value
+    that names a file and the input lie under them (checked before existence, so a refusal tells
+    nothing about files outside); the models and files the pipeline names exist; the input exists.
+    Raises RequestError (or ConfigError for an override) whose ``kind`` says which check failed.
+    """
+    if name not in pipelines.pipelines:
+        raise RequestError(f"unknown pipeline {name!r} in {pipelines.path} (known: {', '.join(pipelines.pipelines)})",
+                           ErrorKind.UNKNOWN_PIPELINE)
+    pipeline = apply_overrides(pipelines, pipelines.pipelines[name], list(sets))
+    if roots is not None:
+        for stage in pipeline.stages:
+            declared = stage_params(stage.name)
+            for key, value in stage.params.items():
+                path = named_file(declared[key], value)
+                if path is not None and not under_roots(path, roots):
+                    raise RequestError(f"{stage.name}.{key}: {value} is outside the allowed roots",
+                                       ErrorKind.NOT_ALLOWED)
+        if input is not None:
+            if not input.is_absolute():
+                raise RequestError(f"input must be an absolute path, got {str(input)!r}", ErrorKind.BAD_ARGUMENT)
+            if not under_roots(input, roots):
+                raise RequestError(f"{input} is outside the allowed roots ({', '.join(map(str, roots))})",
+                                   ErrorKind.NOT_ALLOWED)
+    missing = missing_resources(pipeline)
+    if missing:
+        raise RequestError("; ".join(missing), ErrorKind.MODEL_MISSING)
+    if input is not None and not input.is_file() and not input.is_dir():
+        raise RequestError(f"input not found: {input}", ErrorKind.INPUT_MISSING)
+    return pipeline

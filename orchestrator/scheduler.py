@@ -20,23 +20,20 @@ from pathlib import Path
 
 from orchestrator import defaults
 from orchestrator.events import JOB_CANCELLED, JOB_QUEUED
-from orchestrator.job import Job, JobState, new_job_id
+from orchestrator.job import Job, JobResult, JobState, new_job_id
 from orchestrator.journal import JobRecord, Journal, JournalError
-from orchestrator.pipeline import (
-    ConfigError,
-    Pipeline,
-    PipelineFile,
-    apply_overrides,
-    missing_resources,
-    named_file,
-    stage_params,
-)
+from orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, resolve_request
 from orchestrator.worker_pool import WorkerPool
+from stages.errors import CuepipeError, ErrorKind
 from stages.events import Event
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Event, JobRecord], None]
+#: Runs one accepted job to its end: ``runner(pipeline, record, on_event, cancel) -> JobResult``. It is
+#: called on the job's own thread, sends the job's Events to ``on_event`` and stops when ``cancel`` is set.
+#: The default builds a real ``Job`` (stage processes); tests inject one that runs in memory.
+JobRunner = Callable[[Pipeline, JobRecord, Callable[[Event], None], threading.Event], JobResult]
 
 
 class Refusal(StrEnum):
@@ -53,11 +50,20 @@ class Refusal(StrEnum):
     UNAVAILABLE = "unavailable"  # the daemon cannot take jobs now (stopping, or its journal cannot be written)
 
 
-class JobRefused(Exception):
+#: How a failed request resolution (``resolve_request``) is refused; any other kind is bad_arguments.
+_REFUSALS = {ErrorKind.UNKNOWN_PIPELINE: Refusal.UNKNOWN_PIPELINE, ErrorKind.NOT_ALLOWED: Refusal.NOT_ALLOWED,
+             ErrorKind.MODEL_MISSING: Refusal.MODEL_MISSING, ErrorKind.MODEL_INVALID: Refusal.MODEL_MISSING,
+             ErrorKind.INPUT_MISSING: Refusal.INPUT_MISSING}
+
+
+class JobRefused(CuepipeError):
+    """A Command is refused; ``reason`` is what the client gets in ``reply/error``."""
+
+    kind = ErrorKind.BAD_ARGUMENT
+
     def __init__(self, reason: Refusal, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-        self.message = message
 
 
 class RestartPolicy(StrEnum):
@@ -65,12 +71,6 @@ class RestartPolicy(StrEnum):
 
     REQUEUE = "requeue"  # run it again (once; a job that keeps killing the daemon is then interrupted)
     INTERRUPTED = "interrupted"  # leave it marked interrupted
-
-
-def under_roots(path: Path, roots: Sequence[Path]) -> bool:
-    """True when ``path`` — symlinks and ``..`` resolved — lies inside one of ``roots``."""
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
 
 
 class Scheduler:
@@ -86,6 +86,7 @@ class Scheduler:
         python: str = sys.executable,
         clock: Callable[[], float] = time.time,
         pool: WorkerPool | None = None,
+        runner: JobRunner | None = None,
     ) -> None:
         self.pipelines = pipelines
         self.journal = journal
@@ -96,6 +97,7 @@ class Scheduler:
         self.python = python
         self.clock = clock
         self.pool = pool
+        self.runner: JobRunner = runner or self._run_job
         self.policy = policy
         self.journal_failures = 0
         self._lock = threading.RLock()
@@ -138,39 +140,18 @@ class Scheduler:
 
     # --- commands -------------------------------------------------------------------------------
 
-    def _pipeline_for(self, name: str, sets: Sequence[str]) -> Pipeline:
-        if name not in self.pipelines.pipelines:
-            raise JobRefused(Refusal.UNKNOWN_PIPELINE,
-                             f"unknown pipeline {name!r} (known: {', '.join(self.pipelines.pipelines)})")
+    def _pipeline_for(self, name: str, sets: Sequence[str], input: Path | None = None) -> Pipeline:
+        """``resolve_request`` under this daemon's roots, its failure as the Refusal a client gets."""
         try:
-            pipeline = apply_overrides(self.pipelines, self.pipelines.pipelines[name], list(sets))
-        except ConfigError as exc:
-            raise JobRefused(Refusal.BAD_ARGUMENTS, str(exc)) from None
-        for stage in pipeline.stages:
-            # Every value that names a file obeys the roots, before anything else is looked at, so the
-            # answer is the same whether or not the file exists (no probing for files outside).
-            declared = stage_params(stage.name)
-            for key, value in stage.params.items():
-                path = named_file(declared[key], value)
-                if path is not None and not under_roots(path, self.roots):
-                    raise JobRefused(Refusal.NOT_ALLOWED, f"{stage.name}.{key}: {value} is outside the allowed roots")
-        missing = missing_resources(pipeline)
-        if missing:
-            raise JobRefused(Refusal.MODEL_MISSING, "; ".join(missing))
-        return pipeline
+            return resolve_request(self.pipelines, name, sets, input, self.roots)
+        except CuepipeError as exc:
+            raise JobRefused(_REFUSALS.get(exc.kind, Refusal.BAD_ARGUMENTS), str(exc)) from None
 
     def submit(self, pipeline: str, input: str, sets: Sequence[str] = (), priority: int = 0, tag: str = "",
                reply_to: tuple[str, int] | None = None) -> JobRecord:
         """Validate and queue a job, or raise JobRefused saying why."""
-        resolved = self._pipeline_for(pipeline, sets)
         path = Path(input)
-        if not path.is_absolute():
-            raise JobRefused(Refusal.BAD_ARGUMENTS, f"input must be an absolute path, got {input!r}")
-        if not under_roots(path, self.roots):
-            raise JobRefused(Refusal.NOT_ALLOWED, f"{input} is outside the allowed roots "
-                             f"({', '.join(map(str, self.roots))})")
-        if not path.is_file() and not path.is_dir():
-            raise JobRefused(Refusal.INPUT_MISSING, f"input not found: {input}")
+        resolved = self._pipeline_for(pipeline, sets, path)
         with self._lock:
             if self._stopping:
                 raise JobRefused(Refusal.UNAVAILABLE, "the daemon is stopping")
@@ -250,17 +231,21 @@ class Scheduler:
             self._save(record)
             return
         cancel = threading.Event()
-        job = Job(pipeline, Path(record.input), lambda e: self._on_event(record, e), job_id=record.id,
-                  python=self.python, cancel=cancel, pool=self.pool)
-        thread = threading.Thread(target=self._run, args=(record, job), name=f"cuepipe-job-{record.id}")
+        thread = threading.Thread(target=self._run, args=(record, pipeline, cancel), name=f"cuepipe-job-{record.id}")
         record.state, record.updated = JobState.RUNNING, self.clock()
         self._save(record)
         self._running[record.id] = (thread, cancel)
         thread.start()
 
-    def _run(self, record: JobRecord, job: Job) -> None:
+    def _run_job(self, pipeline: Pipeline, record: JobRecord, on_event: Callable[[Event], None],
+                 cancel: threading.Event) -> JobResult:
+        """The default JobRunner: the real Job, its stages as supervised processes."""
+        return Job(pipeline, Path(record.input), on_event, job_id=record.id, python=self.python, cancel=cancel,
+                   pool=self.pool).run()
+
+    def _run(self, record: JobRecord, pipeline: Pipeline, cancel: threading.Event) -> None:
         try:
-            result = job.run()
+            result = self.runner(pipeline, record, lambda e: self._on_event(record, e), cancel)
             state, outputs, message = result.state, tuple(map(str, result.outputs)), result.message
         except Exception as exc:  # a bug must not take the daemon down; the job is failed and logged
             log.exception("job %s crashed the scheduler thread", record.id)

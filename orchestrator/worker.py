@@ -38,14 +38,17 @@ from typing import IO, Any, Protocol
 import psutil
 
 from orchestrator import defaults
+from stages.errors import CuepipeError, ErrorKind
 from stages.parentwatch import PARENT_ENV, parent_token, same_process
 
 log = logging.getLogger(__name__)
 IS_WINDOWS = sys.platform == "win32"
 
 
-class WorkerError(Exception):
+class WorkerError(CuepipeError):
     """The stage process could not be started."""
+
+    kind = ErrorKind.CRASHED
 
 
 class WorkerState(StrEnum):

@@ -1,7 +1,7 @@
 """WorkerPool: resident stage Workers that keep their model loaded between jobs (``cuepipe serve``).
 
 A cold stage pays for Python start-up, imports and model loading on every trigger; a resident
-Worker (``python -m stages.<name> --serve``, see ``stages/worker.py``) pays once. The pool leases an
+Worker (``python -m stages.<name> --serve``, see ``stages.stage.serve``) pays once. The pool leases an
 idle Worker of the right stage to a Job, or starts one; after the job it takes it back, unless the
 Worker must be recycled (after ``max_jobs`` jobs, or above ``max_rss`` bytes of memory) or died.
 A Worker that died is replaced, after a backoff that grows with consecutive crashes, so a stage that

@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from types import ModuleType
 
+from stages.errors import CuepipeError, ErrorKind
+
 BUILTIN: Mapping[str, str] = {
     "preprocess": "stages.preprocess",
     "matting": "stages.matting",
@@ -20,8 +22,10 @@ BUILTIN: Mapping[str, str] = {
 }
 
 
-class StageRegistryError(ValueError):
+class StageRegistryError(CuepipeError, ValueError):
     """``CUEPIPE_STAGES`` is malformed."""
+
+    kind = ErrorKind.CONFIG_INVALID
 
 
 def _extra(text: str) -> dict[str, str]:

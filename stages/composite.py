@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.events import ErrorKind
-from stages.preprocess import BACKGROUND_WORDS, NAMED_COLOURS
+from stages.errors import ErrorKind
+from stages.geometry import BACKGROUND_WORDS, NAMED_COLOURS
 from stages.stage import (
     ALLOW_TRUNCATED,
     MAX_FRAME_SIDE,

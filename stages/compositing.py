@@ -15,7 +15,7 @@ uint8 OpenCV operations (only one of the two differences is non-zero per pixel),
 buffers, never in float or 16-bit images.
 
 Cost per 1280x720 frame on this 2-core machine (medians of 60 calls over 3 noisy runs, OpenCV's
-default 2 threads; ``/tmp/mybench/composite_cost.py``, ``comp_variants.py``):
+default 2 threads; one-off measurements while developing, no script in ``bench/`` repeats them):
 
 - ``composite``: 2.2-3.3 ms, exact. Measured alternatives: naive numpy float 23-34 ms; 16-bit
   ``cv2.multiply`` / ``add`` / scale 7-13 ms (exact); ``cv2.blendLinear`` with float32 weights
@@ -40,8 +40,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.events import ErrorKind
-from stages.preprocess import NAMED_COLOURS, Fit, Geometry, parse_color
+from stages.errors import ErrorKind
+from stages.geometry import NAMED_COLOURS, Fit, Geometry, parse_color
 from stages.stage import StageError
 from stages.video import IMAGE_SUFFIXES, VideoReader, read_image
 

@@ -20,6 +20,8 @@ from typing import Any
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
+from stages.errors import CuepipeError, ErrorKind
+
 log = logging.getLogger(__name__)
 
 PREFIX = "/cuepipe/v1"
@@ -28,12 +30,14 @@ _TAG_TYPES: dict[str, tuple[type, ...]] = {"i": (int,), "f": (float, int), "s": 
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-class EventError(ValueError):
+class EventError(CuepipeError, ValueError):
     """An Event could not be encoded or decoded (wrong address, arity or argument type).
 
     When decoding got as far as a message, ``address`` and ``params`` hold what could be read, so a
     receiver can still say which request it refuses (e.g. echo a Command's tag).
     """
+
+    kind = ErrorKind.BAD_ARGUMENT
 
     def __init__(self, message: str, address: str = "", params: Sequence[Any] = ()) -> None:
         super().__init__(message)
@@ -47,27 +51,6 @@ class MalformedPacket(EventError):
 
 class UnknownAddress(EventError):
     """A well-formed OSC message at an address none of the given specs has."""
-
-
-class ErrorKind(StrEnum):
-    """Why a Stage or Job failed: the ``kind`` argument of every ``failed`` Event."""
-
-    BAD_ARGUMENT = "bad_argument"  # argv / parameter value rejected
-    INPUT_MISSING = "input_missing"  # input path does not exist
-    INPUT_INVALID = "input_invalid"  # exists but is not a readable video / has no frames
-    MODEL_MISSING = "model_missing"
-    MODEL_INVALID = "model_invalid"
-    PROVIDER_UNAVAILABLE = "provider_unavailable"  # asked-for GPU provider not installed
-    OUTPUT_ERROR = "output_error"  # cannot write the output
-    INTERNAL = "internal"  # unexpected exception inside the stage
-    # Set by the launcher, never by a stage itself:
-    CRASHED = "crashed"  # non-zero exit or killed by a signal without a failed Event
-    NO_DONE = "no_done"  # exited 0 but never sent ``done``
-    TIMEOUT = "timeout"  # killed after its per-stage timeout
-    STALLED = "stalled"  # killed after no Event for stall_timeout seconds
-    CANCELLED = "cancelled"
-    CONFIG_INVALID = "config_invalid"  # pipelines.toml or an override is invalid
-    UNKNOWN_PIPELINE = "unknown_pipeline"
 
 
 class WarningKind(StrEnum):

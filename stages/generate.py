@@ -39,9 +39,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.stage import (
     ALLOW_TRUNCATED,
+    PROVIDER,
     Param,
     ParamKind,
     StageError,
@@ -61,7 +62,6 @@ if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run
 log = logging.getLogger(__name__)
 
 NAME = "generate"
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")  # stages.inference.PROVIDERS (checked by a test)
 MODES = ("auto", "person", "frame")
 #: output name -> (file or folder name, stages.video.Codec value, channels)
 OUTPUTS: dict[str, tuple[str, str, int]] = {
@@ -82,7 +82,7 @@ PARAMS: dict[str, Param] = {
                       minimum=0),
     "smoothing": Param(float, 0.0, "temporal smoothing (EMA weight of the previous frame; 0: off)",
                        minimum=0.0, maximum=0.95),
-    "provider": Param(str, "auto", "execution provider: auto, cpu, cuda or tensorrt", choices=PROVIDERS),
+    "provider": PROVIDER,
     "threads": Param(int, 0, "onnxruntime intra-op threads (0: one per core)", minimum=0),
     "outputs": Param(str, "rgba", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
     "condition_video": Param(str, None, "video feeding the condition input when condition = video",
@@ -117,16 +117,14 @@ def _coerce(params: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_contract(opts: dict[str, Any]) -> tuple[Path, GeneratorContract]:
     """The model file and its contract: the manifest's (if any) with the contract parameters applied."""
-    from models import ModelError, ModelInvalidError, ModelMissingError, load_manifest, resolve
+    from models import ModelError, load_manifest, resolve
     from models.generator import CONTRACT_KEYS, ContractError, GeneratorContract
 
     try:
         path = resolve(opts["model"])
         spec = load_manifest().get(opts["model"])
-    except ModelMissingError as exc:
-        raise StageError(ErrorKind.MODEL_MISSING, str(exc)) from None
-    except (ModelInvalidError, ModelError) as exc:
-        raise StageError(ErrorKind.MODEL_INVALID, str(exc)) from None
+    except ModelError as exc:  # missing, invalid or a bad manifest: the error's own kind
+        raise StageError(exc.kind, str(exc)) from None
     overrides = {k: opts[k] for k in CONTRACT_KEYS if opts.get(k) is not None}
     try:
         return path, GeneratorContract.from_mapping(overrides, spec.generator if spec is not None else None)

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from models.generator import GeneratorContract
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.stage import StageError
 
 __all__ = ["Generator", "ModelIO", "TensorFormat", "check_contract"]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.stage import StageError
 
 if TYPE_CHECKING:

@@ -29,15 +29,14 @@ from typing import Any
 
 import onnxruntime as ort
 
-from stages.events import ErrorKind
-from stages.stage import StageError
+from stages.errors import ErrorKind
+from stages.stage import PROVIDERS, StageError
 
 __all__ = ["EXECUTION_PROVIDERS", "ORT_ERRORS", "PROVIDERS", "choose_provider", "device_of", "open_session",
            "session_options"]
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 #: ``provider`` parameter value -> onnxruntime execution provider name
 EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                        "tensorrt": "TensorrtExecutionProvider"}

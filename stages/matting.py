@@ -25,7 +25,7 @@ ratio; by default it comes from RVM's published table for the frame size and ``s
 running on the CPU. ``scene_cut`` > 0
 resets the recurrent state at hard cuts (``stages.rvm.SceneCut``; try 0.08).
 
-Decoding, inference and encoding run concurrently (``stages/matting_pipeline.py``);
+Decoding, inference and encoding run concurrently (``matte_frames`` on ``stages/framepipe.py``);
 ``docs/performance.md`` has the measured speeds.
 """
 
@@ -34,13 +34,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.events import ErrorKind
-from stages.preprocess import BACKGROUND_WORDS
+from stages.geometry import BACKGROUND_WORDS
 from stages.stage import (
     ALLOW_TRUNCATED,
+    PROVIDER,
     Param,
     ParamKind,
     StageError,
@@ -55,13 +57,12 @@ from stages.stage import parse_outputs as stage_parse_outputs
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     import numpy as np
 
-    from stages.matting_pipeline import Sink
-    from stages.rvm import RVM
+    from stages.framepipe import Sink
+    from stages.rvm import RVM, InputBuffer
 
 log = logging.getLogger(__name__)
 
 NAME = "matting"
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")  # stages.inference.PROVIDERS (checked by a test)
 SUBJECTS = ("portrait", "full_body")
 AUDIO_OUTPUTS = ("composite", "rgba")
 #: output name -> (file or folder name, stages.video.Codec value, channels)
@@ -81,7 +82,7 @@ PARAMS: dict[str, Param] = {
     "ratio": Param(float, None, "downsample ratio in (0, 1]; default: from RVM's table for the size and subject",
                    minimum=0.0, maximum=1.0),
     "subject": Param(str, "portrait", "portrait or full_body: picks the default ratio", choices=SUBJECTS),
-    "provider": Param(str, "auto", "execution provider: auto, cpu, cuda or tensorrt", choices=PROVIDERS),
+    "provider": PROVIDER,
     "threads": Param(int, 0, "onnxruntime intra-op threads (0: one per core)", minimum=0),
     "outputs": Param(str, "alpha,composite", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
     "background": Param(str, "#00b140", "composite background: #rrggbb, a colour name, an image or a video file",
@@ -110,15 +111,13 @@ def parse_outputs(text: str) -> tuple[str, ...]:
 
 def resolve_model(name: str) -> tuple[Path, Any]:
     """The model file and its manifest spec (for a bare .onnx path: the RVM family's first spec)."""
-    from models import ModelError, ModelInvalidError, load_manifest, resolve
+    from models import ModelError, load_manifest, resolve
 
     try:
         path = resolve(name)
         specs = load_manifest()
-    except ModelInvalidError as exc:
-        raise StageError(ErrorKind.MODEL_INVALID, str(exc)) from None
-    except ModelError as exc:
-        raise StageError(ErrorKind.MODEL_MISSING, str(exc)) from None
+    except ModelError as exc:  # missing, invalid or a bad manifest: the error's own kind
+        raise StageError(exc.kind, str(exc)) from None
     spec = specs.get(name) or next(s for s in specs.values() if s.family == "rvm")
     return path, spec
 
@@ -129,7 +128,6 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
 
     ``cache`` (resident workers, ``docs/stages.md``): loaded sessions are kept in it between jobs.
     """
-    from stages.matting_pipeline import run_pipeline
     from stages.video import VideoReader, check_complete
 
     events = events or StageEvents(NAME, None)
@@ -151,7 +149,8 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
         def progress(n: int) -> None:
             events.progress(n, expected if n <= expected else -1)
 
-        stats = run_pipeline(reader, model, ratio, sinks, w, h, scene_cut=opts["scene_cut"], on_frame=progress)
+        stats = matte_frames(reader, model, ratio, sinks, w, h, scene_cut=opts["scene_cut"],
+                             foreground=any(_needs_foreground(n) for n in opts["outputs"]), on_frame=progress)
         check_complete(input, expected, stats.frames, allow=opts["allow_truncated"], events=events)
     if stats.frames != expected:
         log.info("%d frames (the container estimated %d)", stats.frames, expected)
@@ -160,6 +159,70 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
         log.info("%d scene cut(s) reset the state", stats.scene_cuts)
     outputs = tuple(output_dir / OUTPUTS[name][0] for name in opts["outputs"])
     return StageResult(outputs=outputs, frames=stats.frames)
+
+
+@dataclass(frozen=True)
+class Matte:
+    """One frame's result: ``alpha`` uint8 HxW, ``foreground`` BGR uint8 HxWx3 (None when unused)."""
+
+    index: int
+    alpha: np.ndarray
+    foreground: np.ndarray | None
+
+
+@dataclass
+class MattingStats:
+    """What ran: frames, and how many times a scene cut reset the state."""
+
+    frames: int = 0
+    scene_cuts: int = 0
+
+
+def matte_frames(frames: Iterable[np.ndarray], model: RVM, ratio: float, sinks: Sequence[Sink[Matte]], width: int,
+                 height: int, scene_cut: float = 0.0, foreground: bool = False,
+                 on_frame: Callable[[int], None] | None = None, queue_size: int = 2) -> MattingStats:
+    """Matte every frame into every sink on the threaded pipeline (``stages/framepipe.py``).
+
+    Reader thread: scene-cut check, BGR uint8 into a pooled float NCHW ``InputBuffer``. Calling
+    thread, in order: state reset at a cut, RVM inference, ``to_alpha`` (+ ``to_foreground`` when
+    ``foreground``: a sink needs it), buffer back to the pool. Returns the stats or re-raises the
+    first error of any thread.
+    """
+    from stages.framepipe import BufferPool, run_frames
+    from stages.rvm import InputBuffer, SceneCut, to_alpha, to_foreground
+
+    stats, detector, read = MattingStats(), SceneCut(scene_cut), 0
+    # one being filled, queue_size waiting, one in inference
+    pool = BufferPool(lambda: InputBuffer(width, height, model.input_dtype), queue_size + 2)
+
+    def prepare(frame: np.ndarray) -> tuple[InputBuffer, bool]:
+        nonlocal read
+        buffer = pool.get()
+        cut = detector(frame)
+        if cut:
+            log.info("scene cut before frame %d (difference %.3f): state reset", read, detector.last_score)
+        buffer.fill(frame)
+        read += 1
+        return buffer, cut
+
+    def process(items: list[tuple[InputBuffer, bool]]) -> list[Matte]:
+        (buffer, cut), = items  # batch 1: the recurrent state goes frame by frame
+        if cut:
+            model.reset()
+            stats.scene_cuts += 1
+        fgr, pha = model.infer(buffer.array, ratio)
+        matte = Matte(stats.frames, to_alpha(pha), to_foreground(fgr) if foreground else None)
+        pool.put(buffer)
+        stats.frames += 1
+        return [matte]
+
+    run_frames(frames, prepare, process, sinks, on_frame=on_frame, queue_size=queue_size, name=NAME, pools=[pool])
+    return stats
+
+
+def _needs_foreground(output: str) -> bool:
+    """Every output but the gray alpha is made from RVM's foreground colours."""
+    return OUTPUTS[output][2] != 1
 
 
 def _model(cache: dict[str, Any] | None, path: Path, provider: str, threads: int, io_binding: str) -> RVM:
@@ -178,12 +241,12 @@ def _model(cache: dict[str, Any] | None, path: Path, provider: str, threads: int
 
 
 def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps: float, background: str,
-          image_folder: bool, writers: contextlib.ExitStack) -> Sink:
+          image_folder: bool, writers: contextlib.ExitStack) -> Sink[Matte]:
     """Open the writer of one output (registered on ``writers``) and say how to fill it."""
     import numpy as np
 
     from stages.compositing import composite, parse_background, to_bgra
-    from stages.matting_pipeline import Matte, Sink
+    from stages.framepipe import Sink
     from stages.video import AudioSource, Codec, VideoWriter, has_audio
 
     file, codec, channels = OUTPUTS[name]
@@ -194,17 +257,17 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
         audio = AudioSource(input)
     writer = writers.enter_context(
         VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
-    if channels == 1:
+    if not _needs_foreground(name):
         return Sink(name, writer, lambda m: m.alpha)
     # write() has copied a frame into ffmpeg's pipe when it returns: one buffer per sink is enough
     out = np.empty((height, width, channels), np.uint8)
 
     def convert(m: Matte) -> np.ndarray:
-        assert m.foreground is not None  # the pipeline converts it when a sink says it needs it
+        assert m.foreground is not None  # matte_frames converts it when an output needs it
         if bg is not None:
             return composite(m.foreground, m.alpha, bg.frame(m.index), out)
         return m.foreground if channels == 3 else to_bgra(m.foreground, m.alpha, out)
-    return Sink(name, writer, convert, needs_foreground=True)
+    return Sink(name, writer, convert)
 
 
 def main() -> int:

@@ -30,12 +30,13 @@ from collections.abc import Callable, MutableMapping
 
 import psutil
 
+from stages.errors import EXIT_INTERRUPTED
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "CUEPIPE_PARENT"
 CHECK_INTERVAL = 0.5  # seconds between two looks at the parent
 GRACE = 3.0  # seconds between the polite stop and the hard kill of the own tree
-EXIT_ORPHANED = 130  # the exit code of an interrupted stage
 
 
 def parent_token(pid: int | None = None) -> str:
@@ -97,7 +98,7 @@ def stop_tree(grace: float = GRACE) -> None:
     kill_descendants()
     if _group_leader():
         os.killpg(os.getpgrp(), signal.SIGKILL)  # also whatever of the group left the tree
-    os._exit(EXIT_ORPHANED)
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _watch(alive: Callable[[], bool], interval: float, grace: float) -> None:

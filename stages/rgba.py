@@ -35,7 +35,7 @@ from typing import IO, cast
 import cv2
 import numpy as np
 
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.stage import StageError
 from stages.video import VideoInputError, convert_image, decode_image, list_images, probe
 from stages.videowriter import NO_WINDOW, ffmpeg_exe

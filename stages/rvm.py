@@ -1,7 +1,8 @@
 """The Robust Video Matting (RVM) model adapter: session, recurrent state, pre- and post-processing.
 
-No argv and no Events: ``stages.matting`` drives it frame by frame, and a future resident worker
-can keep one ``RVM`` loaded across jobs (``reset()`` between clips).
+No argv and no Events: ``stages.matting`` drives it frame by frame; on a resident worker
+(``--serve``, docs/stages.md) it keeps one ``RVM`` per model and settings loaded across jobs in the
+worker's ``cache`` (``reset()`` between clips).
 
 - Providers (``stages.inference``, shared with ``generate``): ``auto`` is CUDA when onnxruntime
   offers it, else CPU; TensorRT only when asked for. A requested GPU provider that is missing - or
@@ -30,7 +31,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.inference import device_of, open_session
 from stages.stage import StageError
 

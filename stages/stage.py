@@ -1,4 +1,5 @@
-"""The Stage contract in code: parameter declarations, the named error, Event helpers and ``main``.
+"""The Stage contract in code: parameter declarations, the named error, Event helpers and ``main``
+(one-shot runs and the resident ``--serve`` mode alike: one runtime, one module).
 
 Each stage module declares ``PARAMS`` (name -> ``Param``) and a ``run(**kwargs)`` function, and its
 ``main()`` is ``stage_main(NAME, PARAMS, run)``. The same ``PARAMS`` build the stage's argv parser
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import math
 import os
@@ -21,8 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError
 from stages.events import (
     STAGE_DONE,
     STAGE_FAILED,
@@ -39,19 +42,16 @@ from stages.parentwatch import watch_parent
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGUMENT, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: The largest frame side (pixels) a stage parameter may ask for: 8K. Larger sizes are typing errors
 #: that would cost minutes and gigabytes before failing (100000 px wide: 52 s and 1.6 GB for 2 s).
 MAX_FRAME_SIDE = 8192
 
 
-class StageError(Exception):
+class StageError(CuepipeError):
     """A failure the stage understands: reported as ``failed`` with this kind and message."""
 
     def __init__(self, kind: ErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+        super().__init__(message, kind)
 
 
 class ParamKind(StrEnum):
@@ -127,6 +127,11 @@ def option(name: str) -> str:
     """The argv option of a parameter: ``trim_start`` -> ``--trim-start``."""
     return "--" + name.replace("_", "-")
 
+
+#: The execution providers an inference stage can be asked for (``stages.inference`` maps them to
+#: onnxruntime's names), and the ``provider`` parameter every inference stage declares.
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+PROVIDER = Param(str, "auto", "execution provider: auto, cpu, cuda or tensorrt", choices=PROVIDERS)
 
 #: ``allow_truncated``, declared by every stage that reads its input to the end (stages.video.check_complete).
 ALLOW_TRUNCATED = Param(bool, False, "accept an input that decodes fewer frames than its container declares "
@@ -320,6 +325,80 @@ def execute(
     return EXIT_OK
 
 
+class RequestError(CuepipeError, ValueError):
+    """A resident Worker's request line (``serve``) is not a valid job request."""
+
+    kind = ErrorKind.BAD_ARGUMENT
+
+
+def parse_request(line: str) -> tuple[str, Path, Path, list[tuple[str, int]], dict[str, Any]]:
+    try:
+        req = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"not JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise RequestError("a request must be a JSON object")
+    job, input, output_dir = req.get("job"), req.get("input"), req.get("output_dir")
+    report, params = req.get("report", []), req.get("params", {})
+    if not all(isinstance(v, str) and v for v in (job, input, output_dir)):
+        raise RequestError("job, input and output_dir must be non-empty strings")
+    if not isinstance(report, list) or not isinstance(params, dict):
+        raise RequestError("report must be a list and params an object")
+    try:
+        targets = [parse_address(str(t)) for t in report]
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    return str(job), Path(str(input)), Path(str(output_dir)), targets, params
+
+
+def _channel() -> IO[str]:
+    """Keep the real stdout for completions; point fd 1 (and sys.stdout) at stderr."""
+    sys.stdout.flush()
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return channel
+
+
+def serve(name: str, params: Mapping[str, Param], run: RunFunction, stdin: IO[str] | None = None,
+          channel: IO[str] | None = None) -> int:
+    """The stage as a resident Worker: one process, many jobs, the model kept loaded between them.
+
+        python -m stages.<name> --serve
+
+    stdin: one JSON request per line —
+    ``{"job": "ID", "input": "PATH", "output_dir": "PATH", "report": ["127.0.0.1:PORT"], "params": {...}}``.
+    stdout: one JSON line per request once it has finished — ``{"job": "ID", "exit": CODE}`` — the
+    same exit codes as a one-shot run. Events go to the request's report addresses exactly as in a
+    one-shot run. End of stdin ends the process (exit 0). A ``run`` that accepts ``cache`` gets one
+    dict for the whole life of the process, to keep model sessions in.
+
+    stdout is the completion channel, so it is taken over before any job runs: the real stdout is
+    kept for the channel and file descriptor 1 is pointed at stderr, so a library that prints
+    cannot corrupt it. See docs/stages.md, "Resident workers".
+    """
+    stdin = stdin or sys.stdin
+    channel = channel or _channel()
+    cache: dict[str, Any] = {}
+    log.info("%s worker ready (pid %d)", name, os.getpid())
+    for line in stdin:
+        if not line.strip():
+            continue
+        try:
+            job, input, output_dir, targets, raw = parse_request(line)
+        except RequestError as exc:
+            log.error("bad request: %s", exc)
+            channel.write(json.dumps({"job": None, "exit": EXIT_BAD_ARGUMENT, "error": str(exc)}) + "\n")
+            continue
+        log.info("job %s: %s", job, input)
+        code = execute(name, params, run, input, output_dir, targets, raw, cache)
+        channel.write(json.dumps({"job": job, "exit": code}) + "\n")
+        channel.flush()
+        if code == EXIT_INTERRUPTED:  # stopped by a signal: the process is being stopped
+            return code
+    return 0
+
+
 def stage_main(
     name: str, params: Mapping[str, Param], run: RunFunction, argv: Sequence[str] | None = None,
     doc: str | None = None,
@@ -335,8 +414,6 @@ def stage_main(
         log.warning("the launcher that started this stage is already gone; not starting")
         return EXIT_INTERRUPTED
     if args.serve:
-        from stages.worker import serve
-
         return serve(name, params, run)
     if args.input is None or args.output_dir is None:
         parser.error("--input and --output-dir are required (unless --serve)")

@@ -21,7 +21,8 @@ from typing import IO, cast
 import cv2
 import numpy as np
 
-from stages.events import ErrorKind, WarningKind
+from stages.errors import ErrorKind
+from stages.events import WarningKind
 from stages.stage import StageError, StageEvents
 from stages.videowriter import (
     NO_WINDOW,

@@ -31,7 +31,8 @@ Every encoder runs with ``ENCODER_THREADS`` threads (1 on 2 cores).
 
 Encode cost per 1280x720 frame: ffmpeg's own CPU (user+sys, its own process, so it competes with
 inference on 2 cores) and output size; 60 frames of ``orchestrator.democlip``'s figure, 1 thread,
-this 2-core machine (``/tmp/mybench/encode_cost.py``, medians of noisy runs):
+this 2-core machine (medians of noisy runs; one-off measurements while developing, not a ``bench/``
+script):
 
 =====================================================  ==========  ===========
 what                                                   CPU ms      kB / frame
@@ -80,7 +81,7 @@ from typing import IO
 
 import numpy as np
 
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.stage import StageError
 
 log = logging.getLogger(__name__)

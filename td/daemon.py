@@ -3,28 +3,41 @@
 Part of the job table model (``JobTable.daemon``). TD never reads a socket itself: the daemon's
 replies and heartbeats arrive through the OSC In DAT like every Event, and ``check(now)`` — from
 the frame callback, with an injectable clock — turns "no heartbeat for N intervals" into offline.
+The link keeps the daemon's state and changes rows only through the table's public API
+(``JobModel``, which ``td/jobs.py``'s ``JobTable`` implements), so it never imports the table.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .rows import FINAL, fire
-
-if TYPE_CHECKING:
-    from .jobs import JobTable
+from .rows import FINAL, JobRow
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 1000  # Command tags remembered until their reply; the oldest are forgotten beyond this
 
 
+class JobModel(Protocol):
+    """What the link asks of the job table (``td/jobs.py``'s ``JobTable``); it touches nothing else."""
+
+    now: Callable[[], float]
+
+    def get(self, job: str) -> JobRow | None: ...
+    def event_row(self, job: str, initial: str = "running") -> JobRow: ...
+    def finish(self, row: JobRow, state: str, **changes: Any) -> None: ...
+    def daemon_offline(self, error: str) -> None: ...
+    def daemon_online(self) -> None: ...
+    def adopt(self, tag: str, job: str) -> None: ...
+    def pipelines_listed(self, text: str) -> None: ...
+
+
 class DaemonLink:
     """State ``unknown`` until the daemon is first heard from, then ``alive`` / ``offline``."""
 
-    def __init__(self, table: JobTable, heartbeat_interval: float = 1.0, offline_after: int = 3) -> None:
+    def __init__(self, table: JobModel, heartbeat_interval: float = 1.0, offline_after: int = 3) -> None:
         self.table = table
         self.heartbeat_interval, self.offline_after = heartbeat_interval, offline_after
         self.state = "unknown"
@@ -51,50 +64,28 @@ class DaemonLink:
         if self.state != "alive" or self.last_seen is None or now - self.last_seen <= silent:
             return
         self.state = "offline"
-        for row in self.table.active():
-            if row.source == "daemon":
-                row.state_before_offline, row.state = row.state, "offline"
-                row.error = f"daemon silent for {self.offline_after} heartbeats"
-        self.table.version += 1
-        fire(self.table.hooks.offline, self)
+        self.table.daemon_offline(f"daemon silent for {self.offline_after} heartbeats")
 
     def seen(self) -> None:
         """Anything from the daemon proves it is alive; coming back from offline restores its rows."""
         was = self.state
         self.state, self.last_seen = "alive", self.table.now()
         if was == "offline":
-            for row in self.table.active():
-                if row.state == "offline":
-                    row.state, row.error = row.state_before_offline or "running", ""
-            fire(self.table.hooks.online, self)
+            self.table.daemon_online()
 
     # ------------------------------------------------------------------------------------ replies
 
     def _ack(self, f: dict[str, Any]) -> None:
         self.seen()
         command = self.pending.pop(f["tag"], f["command"])
-        rows = self.table.rows
-        placeholder = rows.get(f["tag"])
-        if command != "run" or not f["job"] or placeholder is None:
-            return
-        del rows[f["tag"]]  # the row keyed by the Command's tag becomes the daemon's job id
-        placeholder.job = f["job"]
-        row = rows.get(f["job"])
-        if row is not None:  # an Event overtook the ack: keep what it said, add what TD knew
-            row.pipeline, row.input = row.pipeline or placeholder.pipeline, row.input or placeholder.input
-            row.source, row.chained = "daemon", placeholder.chained
-            row.cancel_requested = row.cancel_requested or placeholder.cancel_requested
-        else:
-            row = rows[f["job"]] = placeholder
-            if row.state == "starting":
-                row.state = "queued"
-        fire(self.table.hooks.acked, row)
+        if command == "run" and f["job"]:
+            self.table.adopt(f["tag"], f["job"])  # the row keyed by the Command's tag becomes the job's
 
     def _error(self, f: dict[str, Any]) -> None:
         self.seen()
         command = self.pending.pop(f["tag"], f["command"])
         self.last_error = f"{command}: {f['reason']}: {f['message']}"
-        row = self.table.rows.get(f["tag"])
+        row = self.table.get(f["tag"])
         if command == "run" and row is not None:
             self.table.finish(row, "failed", error=f"{f['reason']}: {f['message']}")
         log.warning("cuepipe serve refused %s", self.last_error)
@@ -114,7 +105,7 @@ class DaemonLink:
 
     def _pipelines(self, f: dict[str, Any]) -> None:
         self.seen()
-        fire(self.table.hooks.pipelines, f["pipelines"])
+        self.table.pipelines_listed(f["pipelines"])
 
     def _heartbeat(self, f: dict[str, Any]) -> None:
         self.uptime, self.queued, self.running, self.workers = f["uptime"], f["queued"], f["running"], f["workers"]

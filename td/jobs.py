@@ -12,15 +12,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import osc, protocol
 from .daemon import DaemonLink
-from .rows import COLUMNS, FINAL, Hooks, JobRow, fire, write_table
+from .rows import COLUMNS, FINAL, JobRow, fire, write_table
 
 __all__ = ["COLUMNS", "FINAL", "Hooks", "JobRow", "JobTable", "write_table"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hooks:
+    """Lists of functions the model calls; append your own (the extension wires its defaults here)."""
+
+    stage_done: list[Callable[[JobRow, int, str, tuple[str, ...]], None]] = field(default_factory=list)
+    job_end: list[Callable[[JobRow], None]] = field(default_factory=list)
+    offline: list[Callable[[DaemonLink], None]] = field(default_factory=list)
+    online: list[Callable[[DaemonLink], None]] = field(default_factory=list)
+    pipelines: list[Callable[[str], None]] = field(default_factory=list)
+    acked: list[Callable[[JobRow], None]] = field(default_factory=list)  # a daemon run got its job id
 
 
 class JobTable:
@@ -128,6 +141,49 @@ class JobTable:
             log.debug("ignored malformed datagram: %s", exc)
             return 0
         return sum(self.receive(m.address, m.args) for m in messages)
+
+    # ------------------------------------------------- what the daemon link reports (td/daemon.py)
+
+    def daemon_offline(self, error: str) -> None:
+        """The daemon went silent: its open rows show ``offline`` (with ``error``); ``offline`` hooks run."""
+        for row in self.active():
+            if row.source == "daemon":
+                row.state_before_offline, row.state = row.state, "offline"
+                row.error = error
+        self.version += 1
+        fire(self.hooks.offline, self.daemon)
+
+    def daemon_online(self) -> None:
+        """The daemon is heard from again: offline rows get their state back; ``online`` hooks run."""
+        for row in self.active():
+            if row.state == "offline":
+                row.state, row.error = row.state_before_offline or "running", ""
+        fire(self.hooks.online, self.daemon)
+
+    def adopt(self, tag: str, job: str) -> None:
+        """The daemon acked a run: the row keyed by the Command's ``tag`` becomes job ``job``.
+
+        An Event that overtook the ack already made a row for ``job``: it keeps what the Event said
+        and gains what TD knew. ``acked`` hooks run. Nothing happens when there is no ``tag`` row.
+        """
+        placeholder = self.rows.pop(tag, None)
+        if placeholder is None:
+            return
+        placeholder.job = job
+        row = self.rows.get(job)
+        if row is not None:
+            row.pipeline, row.input = row.pipeline or placeholder.pipeline, row.input or placeholder.input
+            row.source, row.chained = "daemon", placeholder.chained
+            row.cancel_requested = row.cancel_requested or placeholder.cancel_requested
+        else:
+            row = self.rows[job] = placeholder
+            if row.state == "starting":
+                row.state = "queued"
+        fire(self.hooks.acked, row)
+
+    def pipelines_listed(self, text: str) -> None:
+        """The daemon's pipelines (JSON text) arrived: ``pipelines`` hooks run."""
+        fire(self.hooks.pipelines, text)
 
     # ----------------------------------------------------------------------------------- time rules
 

@@ -1,7 +1,7 @@
-"""Job table rows: what TD shows for one job, the hooks the model calls, and the Table DAT writer.
+"""Job table rows: what TD shows for one job, how hooks are called, and the Table DAT writer.
 
-No dependencies on the rest of the package, so the model (``jobs.py``) and the daemon link
-(``daemon.py``) can share it.
+No dependencies on the rest of the package: the bottom of ``td/``'s model, below the daemon link
+(``daemon.py``) and the job table (``jobs.py``, which owns the link and the ``Hooks``).
 """
 
 from __future__ import annotations
@@ -9,11 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .daemon import DaemonLink
+from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +64,6 @@ class JobRow:
         error = self.error or "; ".join(f"warning: {w}" for w in self.warnings)
         return [self.job, self.pipeline, stage, self.state, f"{self.progress:.3f}",
                 f"{self.fps:.1f}" if self.fps else "", self.output, error, beat]
-
-
-@dataclass
-class Hooks:
-    """Lists of functions the model calls; append your own (the extension wires its defaults here)."""
-
-    stage_done: list[Callable[[JobRow, int, str, tuple[str, ...]], None]] = field(default_factory=list)
-    job_end: list[Callable[[JobRow], None]] = field(default_factory=list)
-    offline: list[Callable[[DaemonLink], None]] = field(default_factory=list)
-    online: list[Callable[[DaemonLink], None]] = field(default_factory=list)
-    pipelines: list[Callable[[str], None]] = field(default_factory=list)
-    acked: list[Callable[[JobRow], None]] = field(default_factory=list)  # a daemon run got its job id
 
 
 def fire(hooks: Sequence[Callable[..., None]], *args: Any) -> None:

@@ -18,10 +18,10 @@ from models.fetch import fetch, sha256_file, verify
 from models.generator import GeneratorContract
 from orchestrator.democlip import render_frames
 from stages import generate
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.generator import Generator, check_contract
 from stages.stage import StageError
-from tests.test_generate import person_frames, read_all, write_rgba
+from tests.support.rgba import person_frames, read_all, write_rgba
 
 NAME = "cuepipe_toon"
 #: the pixel values of the luma bands (0, 0.2, ..., 1 -> x 255: integers, so no rounding ties)

@@ -16,13 +16,14 @@ from orchestrator.democlip import render_frames, write_clip
 from stages import composite, matting
 from stages.compositing import composite as reference_composite
 from stages.compositing import place
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.rgba import RgbaReader, has_alpha_format
 from stages.stage import StageError
 from stages.video import Codec, VideoReader, VideoWriter, ffmpeg_exe, has_audio, probe
-from tests import genmodels
-from tests.conftest import FakeTD, subprocess_env
-from tests.test_generate import image_folder, person_frames, read_all, write_rgba
+from tests.support import genmodels
+from tests.support.env import subprocess_env
+from tests.support.fake_td import FakeTD
+from tests.support.rgba import image_folder, person_frames, read_all, write_rgba
 
 W, H = 160, 96
 

@@ -18,9 +18,9 @@ from stages.compositing import (
     place,
     to_bgra,
 )
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.stage import StageError
-from tests.test_video import noise_frames, write_clip
+from tests.support.video import noise_frames, write_clip
 
 
 def reference(fgr: np.ndarray, alpha: np.ndarray, bg: np.ndarray) -> np.ndarray:

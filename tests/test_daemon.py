@@ -1,4 +1,7 @@
-"""``cuepipe serve`` over loopback with a fake-TD client: real daemon process, real UDP."""
+"""``cuepipe serve`` over loopback with a fake-TD client: real daemon process, real UDP.
+
+The queue's rules (priorities, slots, cancel, queue full, keep_running backoff, a graceful stop) are
+tested in memory in ``tests/test_scheduler.py``; these keep the real processes and sockets."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +19,13 @@ import psutil
 import pytest
 
 from orchestrator.commands import COMMANDS
+from orchestrator.daemon import Daemon, DaemonConfig
+from orchestrator.job import JobState
+from orchestrator.pipeline import parse
 from stages.events import EventError, decode
-from tests.conftest import subprocess_env
-from tests.daemon_peer import PIPELINES, Client, Server
+from tests.support.daemon_peer import PIPELINES, Client, Server
+from tests.support.env import subprocess_env
+from tests.support.fakes import FakeClock, FakeRunner, settle
 
 
 @pytest.fixture
@@ -106,41 +114,6 @@ def test_cancel_queued_and_running(root: Path, client: Client) -> None:
     assert "job/started" not in [e.spec.name for e in client.events if e.fields.get("job") == queued]
 
 
-def test_queue_full(root: Path) -> None:
-    srv = Server(root, "--max-queue", "1")
-    c = Client(srv.port)
-    try:
-        jobs = []
-        for tag in ("running", "queued"):
-            c.send("cmd/run", tag=tag, pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
-            jobs.append(c.wait("reply/ack", tag=tag)["job"])
-            if tag == "running":
-                c.wait("job/stage_started", job=jobs[0])
-        c.send("cmd/run", tag="one-too-many", pipeline="quick", input=str(root / "clip.txt"), priority=0, sets=[])
-        error = c.wait("reply/error", tag="one-too-many")
-        assert (error["reason"], error["command"]) == ("queue_full", "run")
-        for job in jobs:
-            c.send("cmd/cancel", tag=f"x{job}", job=job)
-            c.wait("job/cancelled", job=job)
-    finally:
-        srv.stop()
-        c.close()
-
-
-def test_priority_jumps_the_queue(root: Path, client: Client) -> None:
-    client.send("cmd/run", tag="hold", pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
-    holder = client.wait("reply/ack", tag="hold")["job"]
-    client.wait("job/stage_started", job=holder)
-    jobs = {}
-    for tag, priority in [("batch", 0), ("live", 10)]:
-        client.send("cmd/run", tag=tag, pipeline="quick", input=str(root / "clip.txt"), priority=priority, sets=[])
-        jobs[tag] = client.wait("reply/ack", tag=tag)["job"]
-    client.send("cmd/cancel", tag="free", job=holder)
-    client.wait("job/done", job=jobs["batch"])
-    started = [e["job"] for e in client.events if e.spec.name == "job/started"]
-    assert started.index(jobs["live"]) < started.index(jobs["batch"])
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_stage_killed_mid_job_is_retried_then_reported(root: Path, client: Client) -> None:
     client.send("cmd/run", tag="k", pipeline="crashy", input=str(root / "clip.txt"), priority=0, sets=[])
@@ -190,26 +163,32 @@ def test_daemon_killed_then_restarted_accounts_for_every_job(root: Path) -> None
         c.close()
 
 
-def test_keep_running_pipeline_restarts_after_a_crash(root: Path, client: Client) -> None:
-    client.send("cmd/run", tag="live", pipeline="live", input=str(root / "clip.txt"), priority=10, sets=[])
-    first = client.wait("reply/ack", tag="live")["job"]
-    assert client.wait("job/failed", job=first)["exit_code"] == 3
-    requeued = [e for e in client.events if e.spec.name == "job/queued" and e["job"] != first]
-    second = requeued[0]["job"] if requeued else client.wait("job/queued", timeout=5)["job"]
-    assert second != first
-    client.wait("job/started", job=second)  # after its 1 s backoff
-    client.wait("job/failed", job=second)
-    third = [e["job"] for e in client.events if e.spec.name == "job/queued" and e["job"] not in (first, second)]
-    deadline = time.monotonic() + 10
-    while not third and time.monotonic() < deadline:
-        client.pump(0.1)
-        third = [e["job"] for e in client.events if e.spec.name == "job/queued" and e["job"] not in (first, second)]
-    assert third, "a keep_running pipeline must keep coming back"
-    client.send("cmd/cancel", tag="stop", job=third[0])  # a cancel ends the chain
-    client.wait("job/cancelled", job=third[0])
-    client.pump(2.5)
-    later = {e["job"] for e in client.events if e.spec.name == "job/queued"} - {first, second, third[0]}
-    assert later == set()
+def test_serve_loop_starts_keep_running_restarts_once_their_backoff_passed(root: Path, tmp_path: Path) -> None:
+    """The serving loop dispatches on its own, so a restart waiting for its backoff starts without any
+    Command. In process, with a fake JobRunner and clock; the chain of restarts itself is in
+    tests/test_scheduler.py."""
+    daemon = Daemon(DaemonConfig(port=0, roots=(root,), state_dir=tmp_path / "state", heartbeat=0.01),
+                    parse(PIPELINES, root / "pipelines.toml"))
+    runner, clock = FakeRunner(), FakeClock()
+    daemon.scheduler.runner, daemon.scheduler.clock = runner, clock
+    stop = threading.Event()
+    serving = threading.Thread(target=daemon.serve, args=(stop,), name="serve")
+    try:
+        first = daemon.scheduler.submit("live", str(root / "clip.txt"), priority=10).id
+        runner.wait_started(1)
+        runner.finish(first, JobState.FAILED)
+        settle(lambda: len(daemon.scheduler.records()) == 2)
+        serving.start()
+        time.sleep(0.1)  # ten beats of the loop before the 1 s backoff passed (on the fake clock)
+        assert runner.started == [first]
+        clock.advance(1.0)
+        assert runner.wait_started(2)[1] == daemon.scheduler.records()[1].id
+    finally:
+        stop.set()
+        if serving.ident is not None:
+            serving.join(10)  # serve() closes the daemon as it returns
+        else:
+            daemon.close()
 
 
 def test_warm_worker_serves_jobs_and_shows_in_heartbeat(root: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import cv2
 
 from orchestrator.democlip import write_clip
-from tests.conftest import ROOT, FakeTD, subprocess_env
+from tests.support.env import ROOT, subprocess_env
+from tests.support.fake_td import FakeTD
 
 
 def test_run_prep_on_a_real_video(tmp_path: Path, fake_td: FakeTD) -> None:

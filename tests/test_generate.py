@@ -18,14 +18,14 @@ import models
 from models.generator import ContractError, GeneratorContract, parse_range
 from orchestrator.democlip import render_frames
 from stages import generate, inference
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.generator import Generator
 from stages.genframes import Box, fit_aspect, person_box, plan
-from stages.rgba import RgbaReader
 from stages.stage import StageError
-from stages.video import Codec, VideoWriter
-from tests import genmodels
-from tests.conftest import ROOT, FakeTD, subprocess_env
+from tests.support import genmodels
+from tests.support.env import ROOT, subprocess_env
+from tests.support.fake_td import FakeTD
+from tests.support.rgba import image_folder, person_frames, read_all, write_rgba
 
 W, H = 160, 96
 
@@ -37,30 +37,6 @@ def every_value_image(width: int = 32, height: int = 24) -> np.ndarray:
     image[:, :, 1] = np.roll(image[:, :, 1], 7)
     image[:, :, 2] = image[:, :, 2][::-1]
     return image
-
-
-def person_frames(n: int, seed: int = 1, width: int = W, height: int = H) -> list[np.ndarray]:
-    """democlip's figure with its exact mask as alpha: BGRA frames, as matting's rgba output holds them."""
-    return [np.dstack([f, m]) for f, m in render_frames(width, height, n, seed=seed)]
-
-
-def write_rgba(path: Path, frames: list[np.ndarray], fps: float = 24.0) -> Path:
-    with VideoWriter(path, frames[0].shape[1], frames[0].shape[0], fps, codec=Codec.UTVIDEO, channels=4) as w:
-        for f in frames:
-            w.write(f)
-    return path
-
-
-def image_folder(folder: Path, frames: list[np.ndarray]) -> Path:
-    folder.mkdir(parents=True)
-    for i, f in enumerate(frames):
-        cv2.imwrite(str(folder / f"f{i:04d}.png"), f)
-    return folder
-
-
-def read_all(path: Path) -> list[np.ndarray]:
-    with RgbaReader(path) as reader:
-        return list(reader)
 
 
 def contract(**keys: object) -> GeneratorContract:
@@ -375,7 +351,7 @@ def test_provider_rules() -> None:
         with pytest.raises(StageError) as err:
             inference.choose_provider(provider, [cpu])
         assert err.value.kind is kind
-    assert generate.PROVIDERS == inference.PROVIDERS
+    assert generate.PARAMS["provider"].choices == inference.PROVIDERS
 
 
 def test_a_silent_fallback_to_cpu_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

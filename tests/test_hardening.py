@@ -23,8 +23,8 @@ from orchestrator.scheduler import JobRefused, Refusal, Scheduler
 from stages import load
 from stages.events import Event, decode, encode
 from stages.stage import StageError
-from tests.conftest import subprocess_env
-from tests.daemon_peer import PIPELINES, Client, Server
+from tests.support.daemon_peer import PIPELINES, Client, Server
+from tests.support.env import subprocess_env
 
 TOML = PIPELINES
 

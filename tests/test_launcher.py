@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from orchestrator.job import Job, publish
-from tests.conftest import FakeTD, subprocess_env
+from tests.support.env import subprocess_env
+from tests.support.fake_td import FakeTD
 
 PIPELINES = """
 version = 1
@@ -299,13 +300,13 @@ def test_values_that_look_like_options_reach_the_stage(workspace: Path) -> None:
     """Ranges such as "[-1,1]" (generator contracts) start with a dash once the bracket is dropped."""
     from orchestrator.pipeline import load_file
     from stages.stage import build_parser
-    from tests import stage_misbehaving
+    from tests.support import misbehaving
 
     pipeline = load_file(workspace / "pipelines.toml").pipelines["two"]
     stage = pipeline.stages[0].__class__(**{**pipeline.stages[0].__dict__, "params": {"pidfile": "-1,1]"}})
     argv = Job(pipeline, workspace / "clip.txt", lambda e: None).argv(stage, workspace / "clip.txt", workspace, 9)
     assert "--pidfile=-1,1]" in argv
-    parsed = build_parser("misbehaving", stage_misbehaving.PARAMS, None).parse_args(argv[3:])
+    parsed = build_parser("misbehaving", misbehaving.PARAMS, None).parse_args(argv[3:])
     assert parsed.pidfile == "-1,1]"
 
 

@@ -16,11 +16,13 @@ import pytest
 from models import resolve
 from orchestrator.democlip import render_frames, write_clip
 from stages import inference, matting, rvm
-from stages.events import ErrorKind
-from stages.matting_pipeline import Sink, run_pipeline
+from stages.errors import ErrorKind
+from stages.framepipe import Sink
+from stages.matting import Matte, matte_frames
 from stages.stage import StageError, StageEvents
 from stages.video import VideoReader, ffmpeg_exe, has_audio, probe
-from tests.conftest import ROOT, FakeTD, subprocess_env
+from tests.support.env import ROOT, subprocess_env
+from tests.support.fake_td import FakeTD
 
 W, H = 320, 192  # <= 512 px: RVM's table gives ratio 1.0; multiples of 4 for HAP
 MODEL = "rvm_mobilenetv3_fp32"
@@ -79,7 +81,7 @@ class Collect:
         pass
 
 
-def alpha_sink(writer: Collect) -> Sink:
+def alpha_sink(writer: Collect) -> Sink[Matte]:
     return Sink("alpha", writer, lambda m: m.alpha)
 
 
@@ -227,7 +229,7 @@ def test_provider_choice() -> None:
     with pytest.raises(StageError) as err:
         inference.choose_provider("tensorrt", ["CPUExecutionProvider"])
     assert err.value.kind is ErrorKind.PROVIDER_UNAVAILABLE
-    assert matting.PROVIDERS == inference.PROVIDERS
+    assert matting.PARAMS["provider"].choices == inference.PROVIDERS  # one declaration, stages.stage
 
 
 def test_a_silent_fallback_to_cpu_is_refused(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,7 +249,7 @@ def test_scene_cut_resets_the_state(model_path: Path) -> None:
     runs = {}
     for threshold in (0.0, 0.08):
         sink = Collect()
-        stats = run_pipeline(first + second, model, 1.0, [alpha_sink(sink)], W, H, scene_cut=threshold)
+        stats = matte_frames(first + second, model, 1.0, [alpha_sink(sink)], W, H, scene_cut=threshold)
         model.reset()
         runs[threshold] = (stats.scene_cuts, sink.frames[6:])
     fresh = reference_alphas(model_path, second, 1.0)
@@ -273,7 +275,7 @@ def test_a_failing_writer_stops_everything(model_path: Path) -> None:
     frames = frames_of(0, 30)
     good, bad = Collect(), Collect(fail_at=3)
     with pytest.raises(StageError) as err:
-        run_pipeline(iter(frames), rvm.RVM(model_path, "cpu"), 1.0, [alpha_sink(good), alpha_sink(bad)], W, H)
+        matte_frames(iter(frames), rvm.RVM(model_path, "cpu"), 1.0, [alpha_sink(good), alpha_sink(bad)], W, H)
     assert err.value.kind is ErrorKind.OUTPUT_ERROR
     assert len(good.frames) < 30  # stopped early; the leak fixture checks every thread was joined
 
@@ -285,7 +287,7 @@ def test_interrupt_stops_every_thread(model_path: Path) -> None:
 
     sink = Collect()
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(iter(frames_of(0, 20)), rvm.RVM(model_path, "cpu"), 1.0, [alpha_sink(sink)], W, H,
+        matte_frames(iter(frames_of(0, 20)), rvm.RVM(model_path, "cpu"), 1.0, [alpha_sink(sink)], W, H,
                      on_frame=interrupt)
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from orchestrator.worker import ProcessRegistry, Worker, reap_leftovers
 from stages.parentwatch import PARENT_ENV, parent_token
-from tests.conftest import subprocess_env
-from tests.daemon_peer import PIPELINES
+from tests.support.daemon_peer import PIPELINES
+from tests.support.env import subprocess_env
 
 POSIX_ONLY = pytest.mark.skipif(
     sys.platform == "win32",
@@ -123,7 +123,7 @@ def test_stage_watches_a_launcher_that_is_not_its_parent(workspace: Path) -> Non
     pidfile = workspace / "pids.txt"
     env = dict(subprocess_env(), **{PARENT_ENV: parent_token(launcher.pid)})
     with (workspace / "stage.log").open("wb") as log:
-        stage = subprocess.Popen([sys.executable, "-m", "tests.stage_misbehaving", "--input", "clip.txt",
+        stage = subprocess.Popen([sys.executable, "-m", "tests.support.misbehaving", "--input", "clip.txt",
                                   "--output-dir", "out", "--mode", "hang_silent", f"--pidfile={pidfile}"],
                                  cwd=workspace, env=env, stderr=log)
     tree: list[psutil.Process] = []
@@ -156,7 +156,7 @@ def test_stage_does_not_start_when_its_launcher_is_already_gone(workspace: Path)
     for value in (token, reused):
         pidfile = workspace / "pids.txt"
         env = dict(subprocess_env(), **{PARENT_ENV: value})
-        proc = subprocess.run([sys.executable, "-m", "tests.stage_misbehaving", "--input", "clip.txt",
+        proc = subprocess.run([sys.executable, "-m", "tests.support.misbehaving", "--input", "clip.txt",
                                "--output-dir", "out", "--mode", "hang_silent", f"--pidfile={pidfile}"],
                               cwd=workspace, env=env, capture_output=True, text=True, timeout=30)
         assert proc.returncode == 130, proc.stderr
@@ -169,7 +169,7 @@ def test_stage_with_a_live_launcher_or_none_runs_normally(workspace: Path) -> No
     env.pop(PARENT_ENV, None)
     for extra in ({PARENT_ENV: parent_token()}, {}):
         (workspace / "out" / "copy.txt").unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "tests.stage_misbehaving", "--input", "clip.txt",
+        proc = subprocess.run([sys.executable, "-m", "tests.support.misbehaving", "--input", "clip.txt",
                                "--output-dir", "out", "--mode", "ok"], cwd=workspace, env=dict(env, **extra),
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr

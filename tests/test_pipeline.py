@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import describe
-from orchestrator.pipeline import ConfigError, apply_overrides, load_file, missing_resources, parse
-from tests.conftest import ROOT, subprocess_env
+from orchestrator.pipeline import ConfigError, apply_overrides, describe, load_file, missing_resources, parse
+from tests.support.env import ROOT, subprocess_env
 
 GOOD = """
 version = 1

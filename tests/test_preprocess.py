@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from stages import preprocess
-from stages.events import ErrorKind, EventSpec
+from stages.errors import ErrorKind
+from stages.events import EventSpec
 from stages.stage import StageError, StageEvents
 from stages.video import Codec, VideoWriter, has_audio, probe
-from tests.test_video import (
+from tests.support.video import (
     audio_samples,
     av_clip,
     bad_input,
@@ -29,7 +30,7 @@ from tests.test_video import (
 )
 
 if TYPE_CHECKING:
-    from tests.conftest import FakeTD
+    from tests.support.fake_td import FakeTD
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = noise_frames(40)  # 64x48, unique frames: exact equality tells which source frame it is

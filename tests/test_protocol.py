@@ -25,7 +25,7 @@ from stages.events import (
     decode,
     encode,
 )
-from tests.conftest import ROOT
+from tests.support.env import ROOT
 
 STAGE_PROGRESS_PACKET = (
     b"/cuepipe/v1/stage/progress\x00\x00,sfiif\x00\x00preprocess\x00\x00"

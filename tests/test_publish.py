@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 
-from orchestrator.cli import EXIT_FAILED, run_job
 from orchestrator.job import PublishError, publish_all
 from orchestrator.pipeline import load_file
+from orchestrator.runner import run_job
+from stages.errors import EXIT_FAILED
 from stages.events import Event
-from tests.conftest import FakeTD, subprocess_env
+from tests.support.env import subprocess_env
+from tests.support.fake_td import FakeTD
 
 TERMINAL = ("job/done", "job/failed", "job/cancelled")
 real_rename = os.rename

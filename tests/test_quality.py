@@ -11,24 +11,149 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.env import ROOT
+
+PACKAGES = ("orchestrator", "stages", "models", "td")
+#: The layers: which of the project's other packages each one may import. The orchestrator runs
+#: stages as programs and resolves models; stages run models; models and td stand alone (td runs
+#: inside TouchDesigner, whose Python has none of the rest: stdlib and itself only).
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    "orchestrator": frozenset({"stages", "models"}),
+    "stages": frozenset({"models"}),
+    "models": frozenset(),
+    "td": frozenset(),
+}
+#: Modules below every layer, importable by all but td: they import nothing of the project.
+SHARED = frozenset({"stages.errors"})
 
 
-def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imported_modules(path: Path, module: str | None = None) -> set[str]:
+    """Every module ``path`` imports, as absolute names: at top level, inside functions and under
+    ``if TYPE_CHECKING`` alike; relative imports are resolved (``module``: the file's own name)."""
+    module = module or module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*parent, *([node.module] if node.module else [])])
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # ``from pkg import module``
     return names
 
 
-def test_stages_never_import_orchestrator() -> None:
-    offenders = [p.name for p in (ROOT / "stages").glob("*.py")
-                 if any(m.split(".")[0] == "orchestrator" for m in imported_modules(p))]
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules importing it runs: the ones it names, and the
+    ``__init__`` of every other package those live in."""
+    modules = project_modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for target in imported_modules(path, name):
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                if prefix in modules and (prefix == target or not name.startswith(prefix + ".")):
+                    edges.add(prefix)
+        graph[name] = edges - {name}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``a -> b -> a``) for each group of modules that import each other (Tarjan's SCCs)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(_cycle_through(min(group), group, graph))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def _cycle_through(start: str, group: set[str], graph: dict[str, set[str]]) -> list[str]:
+    """The shortest import path from ``start`` back to itself within ``group``."""
+    paths = {w: [start, w] for w in sorted(graph[start] & group)}
+    queue = list(paths)
+    while queue:
+        v = queue.pop(0)
+        if v == start:
+            return paths[v]
+        for w in sorted(graph[v] & group):
+            if w == start:
+                return [*paths[v], start]
+            if w not in paths:
+                paths[w] = [*paths[v], w]
+                queue.append(w)
+    return sorted(group)
+
+
+def test_layers_import_only_downwards() -> None:
+    """orchestrator -> stages -> models, never back (a Stage never imports orchestrator); td: stdlib only."""
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    offenders = []
+    for name, path in project_modules().items():
+        package = name.split(".")[0]
+        for target in sorted(imported_modules(path, name)):
+            top = target.split(".")[0]
+            if package == "td":
+                if top not in stdlib and top != "td":
+                    offenders.append(f"{path.relative_to(ROOT)} imports {target}: td/ is stdlib only")
+            elif (top in MAY_IMPORT and top != package and top not in MAY_IMPORT[package]
+                  and not any(target == m or target.startswith(m + ".") for m in SHARED)):
+                offenders.append(f"{path.relative_to(ROOT)} imports {target}: {package} is below {top}")
     assert offenders == []
+
+
+def test_shared_modules_import_nothing_of_the_project() -> None:
+    modules = project_modules()
+    for name in SHARED:
+        assert not {t.split(".")[0] for t in imported_modules(modules[name], name)} & set(PACKAGES), name
+
+
+def test_no_import_cycles() -> None:
+    """Lazy imports inside functions count too: a cycle hidden by one is still misplaced code."""
+    graph = import_graph()
+    assert len(graph) > 50 and "stages.stage" in graph["stages.preprocess"]  # the graph is really built
+    assert [" -> ".join(cycle) for cycle in find_cycles(graph)] == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e2"}, "e2": {"e"}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"], ["e", "e2", "e"]]
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from orchestrator.supervisor import RestartPolicy, Supervisor
-from tests.conftest import subprocess_env
-from tests.test_daemon import PIPELINES, Client
+from tests.support.daemon_peer import PIPELINES, Client
+from tests.support.env import subprocess_env
 
 
 def test_backoff_doubles_resets_after_a_stable_run_and_flapping_cools_down() -> None:

@@ -19,8 +19,8 @@ import pytest
 from td import callbacks
 from td.extension import CuepipeExt
 from td.launcher import LaunchError, LaunchOptions, start_job
-from tests.conftest import subprocess_env
-from tests.test_td_fakes import FakeChannel, FakeComp, FakeOP, FakeTableDAT, FakeTOP, TDPort, running_in
+from tests.support.env import subprocess_env
+from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakeTableDAT, FakeTOP, TDPort, running_in
 
 PIPELINES = """
 version = 1

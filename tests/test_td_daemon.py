@@ -21,8 +21,8 @@ from orchestrator.commands import COMMANDS, HEARTBEAT, REPLY_ACK, REPLY_ERROR, R
 from orchestrator.events import JOB_DONE, JOB_PROGRESS, JOB_STARTED
 from stages.events import Event, EventSpec, decode, encode
 from td.extension import CuepipeExt
-from tests.conftest import subprocess_env
-from tests.test_td_fakes import FakeComp, TDPort, frame
+from tests.support.env import subprocess_env
+from tests.support.td_fakes import FakeComp, TDPort, frame
 
 
 class FakeDaemon:

@@ -10,8 +10,8 @@ import pytest
 
 from td import callbacks
 from td.parameters import PARAMETERS, setup_parameters
-from tests.conftest import ROOT
-from tests.test_td_fakes import FakeChannel, FakeComp, FakeOP, FakePar, FakeTableDAT
+from tests.support.env import ROOT
+from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakePar, FakeTableDAT
 
 DOC = (ROOT / "docs" / "touchdesigner.md").read_text(encoding="utf-8")
 

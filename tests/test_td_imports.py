@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.support.env import ROOT
 
 TD = ROOT / "td"
 STANDALONE = ("callbacks.py", "boot.py")  # loaded by TD as DAT modules: no package imports at all

@@ -10,7 +10,7 @@ import pytest
 from td import callbacks, osc, protocol
 from td.extension import CuepipeExt
 from td.jobs import COLUMNS, JobRow, JobTable, write_table
-from tests.test_td_fakes import FakeChannel, FakeComp, FakeOP, FakePar, FakeTableDAT, running_in
+from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakePar, FakeTableDAT, running_in
 
 
 class Clock:

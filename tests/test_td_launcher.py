@@ -21,7 +21,7 @@ from td.launcher import (
     new_job_id,
     start_job,
 )
-from tests.conftest import subprocess_env
+from tests.support.env import subprocess_env
 
 
 def test_default_interpreter_is_the_repositorys_venv_never_tds(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from stages import composite, generate, matting, preprocess
-from stages.events import ErrorKind, WarningKind
+from stages.errors import ErrorKind
+from stages.events import WarningKind
 from stages.stage import StageEvents
 from stages.video import (
     AudioSource,
@@ -31,8 +32,9 @@ from stages.video import (
     check_complete,
     ffmpeg_exe,
 )
-from tests import genmodels
-from tests.conftest import ROOT, FakeTD, subprocess_env
+from tests.support import genmodels
+from tests.support.env import ROOT, subprocess_env
+from tests.support.fake_td import FakeTD
 
 FRAMES = 50
 

@@ -1,8 +1,8 @@
 """A contract-following stage that misbehaves on request, for the launcher's failure tests.
 
-    python -m tests.stage_misbehaving --input IN --output-dir DIR --report HOST:PORT --mode hang
+    python -m tests.support.misbehaving --input IN --output-dir DIR --report HOST:PORT --mode hang
 
-Registered for tests through ``CUEPIPE_STAGES=misbehaving=tests.stage_misbehaving``.
+Registered for tests through ``CUEPIPE_STAGES=misbehaving=tests.support.misbehaving`` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.events import ErrorKind
+from stages.errors import ErrorKind
 from stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, stage_main
 
 NAME = "misbehaving"

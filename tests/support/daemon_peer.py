@@ -14,7 +14,7 @@ import psutil
 from orchestrator.commands import COMMANDS, REPLIES
 from orchestrator.events import JOB_EVENTS
 from stages.events import Event, decode, encode
-from tests.conftest import subprocess_env
+from tests.support.env import subprocess_env
 
 #: Pipelines of the misbehaving test stage (and one real one), shared by the daemon and failure tests.
 PIPELINES = """
