@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models import resolve  # noqa: E402
-from orchestrator.commands import CMD_RUN, REPLIES  # noqa: E402
 from orchestrator.democlip import render_frames  # noqa: E402
-from orchestrator.events import JOB_EVENTS  # noqa: E402
-from stages.events import decode, encode  # noqa: E402
+from stages.codec import decode, encode  # noqa: E402
+from stages.protocol import CMD_RUN, JOB_EVENTS, REPLIES  # noqa: E402
 from stages.rvm import RVM, InputBuffer  # noqa: E402
 from stages.video import Codec, VideoWriter  # noqa: E402
 

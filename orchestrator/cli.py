@@ -20,7 +20,7 @@ from orchestrator.job import JobState
 from orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
 from orchestrator.runner import cancel_on_signals, load_pipelines, run_job
 from stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK
-from stages.events import parse_address
+from stages.sender import parse_address
 
 log = logging.getLogger("cuepipe")
 

@@ -1,7 +1,8 @@
-"""Commands: the OSC addresses the daemon answers, and their replies (docs/protocol.md).
+"""Command handlers: one function per Command address, in one table (docs/protocol.md).
 
-The transport decodes datagrams into Events of these specs; ``orchestrator/daemon.py`` maps each
-Command address to exactly one handler function in one explicit table.
+The Commands and Replies themselves are declared in ``stages/protocol.py`` with the rest of the
+address space; the daemon decodes datagrams into Events of ``COMMANDS`` and ``orchestrator/daemon.py``
+calls the one handler ``TABLE`` names for each address.
 """
 
 from __future__ import annotations
@@ -10,28 +11,22 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from orchestrator.journal import JobRecord
-from orchestrator.scheduler import Refusal, Scheduler
-from stages.events import Event, EventSpec, spec_of
-
-__all__ = ["COMMANDS", "REPLIES", "Refusal"]
-
-_HEAD = "tag:s reply_port:i"
-CMD_RUN = spec_of("cmd/run", f"{_HEAD} pipeline:s input:s priority:i", tail="sets")
-CMD_CANCEL = spec_of("cmd/cancel", f"{_HEAD} job:s")
-CMD_STATUS = spec_of("cmd/status", f"{_HEAD} job:s")
-CMD_LIST = spec_of("cmd/list", _HEAD)
-CMD_PING = spec_of("cmd/ping", _HEAD)
-CMD_SUBSCRIBE = spec_of("cmd/subscribe", _HEAD)
-CMD_UNSUBSCRIBE = spec_of("cmd/unsubscribe", _HEAD)
-COMMANDS = (CMD_RUN, CMD_CANCEL, CMD_STATUS, CMD_LIST, CMD_PING, CMD_SUBSCRIBE, CMD_UNSUBSCRIBE)
-
-REPLY_ACK = spec_of("reply/ack", "tag:s command:s job:s detail:s")
-REPLY_ERROR = spec_of("reply/error", "tag:s command:s reason:s message:s")
-REPLY_STATUS = spec_of("reply/status", "tag:s job:s pipeline:s state:s index:i overall:f input:s message:s")
-REPLY_PIPELINES = spec_of("reply/pipelines", "tag:s pipelines:s")
-REPLY_PONG = spec_of("reply/pong", "tag:s uptime:f")
-HEARTBEAT = spec_of("daemon/heartbeat", "uptime:f queued:i running:i workers:s")
-REPLIES = (REPLY_ACK, REPLY_ERROR, REPLY_STATUS, REPLY_PIPELINES, REPLY_PONG, HEARTBEAT)
+from orchestrator.scheduler import Scheduler
+from stages.codec import Event
+from stages.protocol import (
+    CMD_CANCEL,
+    CMD_LIST,
+    CMD_PING,
+    CMD_RUN,
+    CMD_STATUS,
+    CMD_SUBSCRIBE,
+    CMD_UNSUBSCRIBE,
+    REPLY_ACK,
+    REPLY_PIPELINES,
+    REPLY_PONG,
+    REPLY_STATUS,
+    EventSpec,
+)
 
 
 class Context(Protocol):

@@ -29,8 +29,9 @@ from orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
 from orchestrator.transport import DatagramQueue, EventSocket
 from orchestrator.worker import ProcessRegistry, reap_leftovers
 from orchestrator.worker_pool import WorkerPool
+from stages.codec import Event, EventError, MalformedPacket, UnknownAddress, decode, encode
 from stages.errors import CuepipeError, ErrorKind
-from stages.events import PREFIX, Event, EventError, EventSpec, MalformedPacket, UnknownAddress, decode, encode
+from stages.protocol import COMMANDS, HEARTBEAT, PREFIX, REPLY_ERROR, EventSpec
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Daemon:
         self.started = clock()
         self.counters: Counter[str] = Counter()
         self.subscribers: frozenset[tuple[str, int]] = frozenset()  # replaced, never mutated: job threads read it
-        self.socket = EventSocket(commands.COMMANDS, config.host, config.port, peers=config.allow or None)
+        self.socket = EventSocket(COMMANDS, config.host, config.port, peers=config.allow or None)
         try:
             self.journal = Journal(config.state_dir / "journal.sqlite3")
             # Stage processes a previous daemon left when it was killed hard (their parent watch stops
@@ -164,7 +165,7 @@ class Daemon:
         queued, running = self.scheduler.counts()
         workers = self.pool.states()
         targets = set(self.subscribers)
-        self._send(commands.HEARTBEAT, {"uptime": self.uptime(), "queued": queued, "running": running,
+        self._send(HEARTBEAT, {"uptime": self.uptime(), "queued": queued, "running": running,
                                         "workers": json.dumps(workers)}, targets)
 
     # --- in -------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class Daemon:
                         defaults.MAX_COMMAND_BYTES)
             return
         try:
-            events = decode(data, commands.COMMANDS)
+            events = decode(data, COMMANDS)
         except MalformedPacket as exc:
             self.counters["malformed"] += 1
             log.warning("malformed datagram from %s: %s", peer[0], exc)
@@ -224,7 +225,7 @@ class Daemon:
                 self._send(spec, fields, {reply_to})
 
     def _refuse(self, to: tuple[str, int], tag: str, command: str, reason: Refusal, message: str) -> None:
-        self._send(commands.REPLY_ERROR, {"tag": tag, "command": command.removeprefix("cmd/"),
+        self._send(REPLY_ERROR, {"tag": tag, "command": command.removeprefix("cmd/"),
                                           "reason": reason.value, "message": message}, {to})
 
     def serve(self, stop: threading.Event) -> None:

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator import defaults
-from orchestrator.events import JOB_EVENTS
 from orchestrator.runner import load_pipelines, run_job
 from orchestrator.transport import EventListener
+from stages.codec import Event
 from stages.errors import EXIT_FAILED
-from stages.events import Event
+from stages.protocol import JOB_EVENTS
 
 log = logging.getLogger(__name__)
 

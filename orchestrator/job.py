@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import defaults
-from orchestrator.events import (
+from orchestrator.pipeline import Pipeline, Stage
+from orchestrator.transport import EventSocket
+from orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
+from orchestrator.worker_pool import ResidentTask, WorkerPool
+from stages import STAGES
+from stages.codec import Event
+from stages.errors import CuepipeError, ErrorKind
+from stages.protocol import (
     JOB_CANCELLED,
     JOB_DONE,
     JOB_FAILED,
@@ -35,15 +42,11 @@ from orchestrator.events import (
     JOB_STAGE_FAILED,
     JOB_STAGE_STARTED,
     JOB_STARTED,
+    JOB_WARNING,
     NO_EXIT_CODE,
+    STAGE_EVENTS,
+    EventSpec,
 )
-from orchestrator.pipeline import Pipeline, Stage
-from orchestrator.transport import EventSocket
-from orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
-from orchestrator.worker_pool import ResidentTask, WorkerPool
-from stages import STAGES
-from stages.errors import CuepipeError, ErrorKind
-from stages.events import STAGE_EVENTS, Event, EventSpec
 from stages.stage import option
 
 log = logging.getLogger(__name__)
@@ -457,8 +460,6 @@ class Job:
                 kind = ErrorKind.INTERNAL
             result.reported = (kind, event["message"])
         elif name == "stage/warning":  # relayed as it comes, also from an attempt that fails later
-            from orchestrator.events import JOB_WARNING
-
             self._emit(JOB_WARNING, index=index, stage=stage.name, kind=event["kind"], message=event["message"])
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator import defaults
 from stages import STAGES, load
 from stages.errors import CuepipeError, ErrorKind
-from stages.events import parse_address
+from stages.sender import parse_address
 from stages.stage import Param, ParamKind
 
 

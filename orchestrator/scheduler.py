@@ -19,13 +19,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from orchestrator import defaults
-from orchestrator.events import JOB_CANCELLED, JOB_QUEUED
 from orchestrator.job import Job, JobResult, JobState, new_job_id
 from orchestrator.journal import JobRecord, Journal, JournalError
 from orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, resolve_request
 from orchestrator.worker_pool import WorkerPool
+from stages.codec import Event
 from stages.errors import CuepipeError, ErrorKind
-from stages.events import Event
+from stages.protocol import JOB_CANCELLED, JOB_QUEUED
 
 log = logging.getLogger(__name__)
 

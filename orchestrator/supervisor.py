@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RestartPolicy:
+class Backoff:
+    """How the Supervisor spaces restarts of the daemon (not to be confused with the Scheduler's
+    ``RestartPolicy``, which says what happens to a job the daemon was running)."""
+
     backoff_start: float = 1.0  # seconds before the first restart
     backoff_max: float = 60.0
     stable_after: float = 30.0  # a run this long resets the backoff
@@ -33,7 +36,7 @@ class RestartPolicy:
 
 
 class Supervisor:
-    def __init__(self, argv: Sequence[str], cwd: Path, log_path: Path, policy: RestartPolicy = RestartPolicy(),
+    def __init__(self, argv: Sequence[str], cwd: Path, log_path: Path, policy: Backoff = Backoff(),
                  now: Callable[[], float] = time.monotonic) -> None:
         self.argv = list(argv)
         self.cwd = cwd

@@ -16,7 +16,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from orchestrator import defaults
-from stages.events import Event, EventError, EventSpec, decode
+from stages.codec import Event, EventError, decode
+from stages.protocol import EventSpec
 
 log = logging.getLogger(__name__)
 

@@ -25,20 +25,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
-from stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError
-from stages.events import (
-    STAGE_DONE,
-    STAGE_FAILED,
-    STAGE_PROGRESS,
-    STAGE_STARTED,
-    STAGE_WARNING,
-    ErrorKind,
-    EventSender,
-    WarningKind,
-    info_json,
-    parse_address,
-)
+from stages.codec import info_json
+from stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError, ErrorKind
 from stages.parentwatch import watch_parent
+from stages.protocol import STAGE_DONE, STAGE_FAILED, STAGE_PROGRESS, STAGE_STARTED, STAGE_WARNING, WarningKind
+from stages.sender import EventSender, parse_address
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from stages.errors import ErrorKind
-from stages.events import WarningKind
+from stages.protocol import WarningKind
 from stages.stage import StageError, StageEvents
 from stages.videowriter import (
     NO_WINDOW,

@@ -1,82 +1,108 @@
-"""The part of ``docs/protocol.md`` the TouchDesigner side speaks, declared without python-osc.
+"""The ``/cuepipe/v1`` address space as the TouchDesigner side speaks it, without python-osc.
 
-TD's Python cannot import ``stages.events`` (it needs python-osc), so the Job Events, Commands and
-Replies are declared again here in the same ``name:tag`` shorthand; ``tests/test_td_jobs.py``
-checks this table against the orchestrator's, so the two can never drift apart silently.
+The address space is declared once, in ``stages/protocol.py`` (standard library only). TD's Python
+cannot import ``stages`` (the package needs python-osc and more, and inside TD the rest of cuepipe
+is not installed), so this module loads that one file by its path, next to this ``td/`` folder in
+the repository, the way ``td/boot.py`` loads ``td/`` itself, and uses its specs as they are:
+nothing is declared twice. What is TD's own is the stdlib codec (``td/osc.py``), ``parse`` (the
+arguments an OSC In DAT hands over) and ``encode``. ``tests/test_td_osc.py`` checks that these are
+the orchestrator's very specs and that ``encode`` is byte-identical to python-osc's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
 
 from . import osc
 
-PREFIX = "/cuepipe/v1"
+#: The one declaration of the address space, in the repository this ``td/`` folder belongs to.
+SOURCE = Path(__file__).resolve().parent.parent / "stages" / "protocol.py"
+
+
+def _load_address_space() -> ModuleType:
+    """``stages/protocol.py`` loaded by path, as a private submodule of this package.
+
+    Registered in ``sys.modules`` (its dataclasses need that) under this package's name, so a fresh
+    ``boot.load`` drops and reloads it together with the package.
+    """
+    name = f"{__package__}._address_space"
+    spec = importlib.util.spec_from_file_location(name, SOURCE)
+    if spec is None or spec.loader is None or not SOURCE.is_file():
+        raise ImportError(f"the cuepipe address space is missing: {SOURCE} (td/ must stay inside the repository)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+_space = _load_address_space()
+
+
+class Spec(Protocol):
+    """What the TD side reads of an ``EventSpec`` (``stages/protocol.py``): for type checking only."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def args(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def tail(self) -> str | None: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tags(self) -> str: ...
+
+
+PREFIX: str = _space.PREFIX
+STAGE_EVENTS: tuple[Spec, ...] = _space.STAGE_EVENTS
+JOB_EVENTS: tuple[Spec, ...] = _space.JOB_EVENTS
+COMMANDS: tuple[Spec, ...] = _space.COMMANDS
+REPLIES: tuple[Spec, ...] = _space.REPLIES
+# The specs TD code and its tests name; every one is the object stages/protocol.py declares.
+JOB_QUEUED: Spec = _space.JOB_QUEUED
+JOB_STARTED: Spec = _space.JOB_STARTED
+JOB_STAGE_STARTED: Spec = _space.JOB_STAGE_STARTED
+JOB_PROGRESS: Spec = _space.JOB_PROGRESS
+JOB_STAGE_DONE: Spec = _space.JOB_STAGE_DONE
+JOB_STAGE_FAILED: Spec = _space.JOB_STAGE_FAILED
+JOB_DONE: Spec = _space.JOB_DONE
+JOB_FAILED: Spec = _space.JOB_FAILED
+JOB_CANCELLED: Spec = _space.JOB_CANCELLED
+JOB_WARNING: Spec = _space.JOB_WARNING
+CMD_RUN: Spec = _space.CMD_RUN
+CMD_CANCEL: Spec = _space.CMD_CANCEL
+CMD_STATUS: Spec = _space.CMD_STATUS
+CMD_LIST: Spec = _space.CMD_LIST
+CMD_PING: Spec = _space.CMD_PING
+CMD_SUBSCRIBE: Spec = _space.CMD_SUBSCRIBE
+CMD_UNSUBSCRIBE: Spec = _space.CMD_UNSUBSCRIBE
+REPLY_ACK: Spec = _space.REPLY_ACK
+REPLY_ERROR: Spec = _space.REPLY_ERROR
+REPLY_STATUS: Spec = _space.REPLY_STATUS
+REPLY_PIPELINES: Spec = _space.REPLY_PIPELINES
+REPLY_PONG: Spec = _space.REPLY_PONG
+HEARTBEAT: Spec = _space.HEARTBEAT
+
+#: What TD receives on its OSC In / UDP In port.
+INCOMING: dict[str, Spec] = {s.address: s for s in JOB_EVENTS + REPLIES}
 
 
 class ProtocolError(ValueError):
     """A message has an unknown address, or arguments that do not match its spec."""
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One address: its fixed arguments as (name, tag) pairs and an optional tail of strings."""
-
-    address: str
-    args: tuple[tuple[str, str], ...]
-    tail: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.address.removeprefix(PREFIX + "/")
-
-    @property
-    def tags(self) -> str:
-        return "".join(tag for _, tag in self.args)
-
-
-def spec_of(path: str, args: str, tail: str | None = None) -> Spec:
-    return Spec(f"{PREFIX}/{path}", tuple((a.split(":")[0], a.split(":")[1]) for a in args.split()), tail)
-
-
-JOB_QUEUED = spec_of("job/queued", "job:s pipeline:s input:s priority:i")
-JOB_STARTED = spec_of("job/started", "job:s pipeline:s input:s stages:i")
-JOB_STAGE_STARTED = spec_of("job/stage_started", "job:s index:i stage:s attempt:i pid:i info:s")
-JOB_PROGRESS = spec_of("job/progress", "job:s index:i stage:s fraction:f frame:i total:i fps:f overall:f")
-JOB_STAGE_DONE = spec_of("job/stage_done", "job:s index:i stage:s frames:i seconds:f", tail="outputs")
-JOB_STAGE_FAILED = spec_of(
-    "job/stage_failed", "job:s index:i stage:s attempt:i exit_code:i kind:s message:s stderr:s retrying:i"
-)
-JOB_DONE = spec_of("job/done", "job:s seconds:f", tail="outputs")
-JOB_FAILED = spec_of("job/failed", "job:s index:i stage:s exit_code:i kind:s message:s")
-JOB_CANCELLED = spec_of("job/cancelled", "job:s index:i stage:s")
-JOB_WARNING = spec_of("job/warning", "job:s index:i stage:s kind:s message:s")
-JOB_EVENTS = (JOB_QUEUED, JOB_STARTED, JOB_STAGE_STARTED, JOB_PROGRESS, JOB_STAGE_DONE, JOB_STAGE_FAILED,
-              JOB_DONE, JOB_FAILED, JOB_CANCELLED, JOB_WARNING)
-
-_HEAD = "tag:s reply_port:i"
-CMD_RUN = spec_of("cmd/run", f"{_HEAD} pipeline:s input:s priority:i", tail="sets")
-CMD_CANCEL = spec_of("cmd/cancel", f"{_HEAD} job:s")
-CMD_STATUS = spec_of("cmd/status", f"{_HEAD} job:s")
-CMD_LIST = spec_of("cmd/list", _HEAD)
-CMD_PING = spec_of("cmd/ping", _HEAD)
-CMD_SUBSCRIBE = spec_of("cmd/subscribe", _HEAD)
-CMD_UNSUBSCRIBE = spec_of("cmd/unsubscribe", _HEAD)
-COMMANDS = (CMD_RUN, CMD_CANCEL, CMD_STATUS, CMD_LIST, CMD_PING, CMD_SUBSCRIBE, CMD_UNSUBSCRIBE)
-
-REPLY_ACK = spec_of("reply/ack", "tag:s command:s job:s detail:s")
-REPLY_ERROR = spec_of("reply/error", "tag:s command:s reason:s message:s")
-REPLY_STATUS = spec_of("reply/status", "tag:s job:s pipeline:s state:s index:i overall:f input:s message:s")
-REPLY_PIPELINES = spec_of("reply/pipelines", "tag:s pipelines:s")
-REPLY_PONG = spec_of("reply/pong", "tag:s uptime:f")
-HEARTBEAT = spec_of("daemon/heartbeat", "uptime:f queued:i running:i workers:s")
-REPLIES = (REPLY_ACK, REPLY_ERROR, REPLY_STATUS, REPLY_PIPELINES, REPLY_PONG, HEARTBEAT)
-
-#: What TD receives on its OSC In / UDP In port.
-INCOMING = {s.address: s for s in JOB_EVENTS + REPLIES}
 
 
 def _checked(spec: Spec, name: str, tag: str, value: Any) -> Any:

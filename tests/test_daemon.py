@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.commands import COMMANDS
 from orchestrator.daemon import Daemon, DaemonConfig
 from orchestrator.job import JobState
 from orchestrator.pipeline import parse
-from stages.events import EventError, decode
+from stages.codec import EventError, decode
+from stages.protocol import COMMANDS
 from tests.support.daemon_peer import PIPELINES, Client, Server
 from tests.support.env import subprocess_env
 from tests.support.fakes import FakeClock, FakeRunner, settle

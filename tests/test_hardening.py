@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main as cli_main
-from orchestrator.commands import CMD_PING, CMD_RUN, REPLIES
 from orchestrator.daemon import Daemon, DaemonConfig
-from orchestrator.events import JOB_EVENTS
 from orchestrator.journal import JobRecord, Journal, JournalError
 from orchestrator.pipeline import ConfigError, apply_overrides, named_file, parse
 from orchestrator.scheduler import JobRefused, Refusal, Scheduler
 from stages import load
-from stages.events import Event, decode, encode
+from stages.codec import Event, decode, encode
+from stages.protocol import CMD_PING, CMD_RUN, JOB_EVENTS, REPLIES
 from stages.stage import StageError
 from tests.support.daemon_peer import PIPELINES, Client, Server
 from tests.support.env import subprocess_env

@@ -15,7 +15,7 @@ import pytest
 
 from stages import preprocess
 from stages.errors import ErrorKind
-from stages.events import EventSpec
+from stages.protocol import EventSpec
 from stages.stage import StageError, StageEvents
 from stages.video import Codec, VideoWriter, has_audio, probe
 from tests.support.video import (

@@ -11,19 +11,24 @@ import struct
 
 import pytest
 
-from orchestrator.commands import CMD_RUN, COMMANDS, REPLIES, Refusal
-from orchestrator.events import JOB_EVENTS, JOB_FAILED, JOB_PROGRESS, JOB_WARNING
-from stages.events import (
+from orchestrator.scheduler import Refusal
+from stages.codec import EventError, decode, encode
+from stages.errors import ErrorKind
+from stages.protocol import (
+    CMD_RUN,
+    COMMANDS,
+    JOB_EVENTS,
+    JOB_FAILED,
+    JOB_PROGRESS,
+    JOB_WARNING,
+    PREFIX,
+    REPLIES,
     STAGE_DONE,
     STAGE_EVENTS,
     STAGE_PROGRESS,
     STAGE_WARNING,
-    ErrorKind,
-    EventError,
     EventSpec,
     WarningKind,
-    decode,
-    encode,
 )
 from tests.support.env import ROOT
 
@@ -138,3 +143,10 @@ def test_docs_declare_exactly_the_code_address_space() -> None:
         assert f"| `{warning.value}` |" in text, f"warning kind {warning.value} undocumented"
     for reason in Refusal:
         assert f"| `{reason.value}` |" in text, f"refusal reason {reason.value} undocumented"
+
+
+def test_one_address_space() -> None:
+    """stages/protocol.py holds every address once, all under the version prefix."""
+    addresses = [spec.address for spec in ALL]
+    assert len(addresses) == len(set(addresses))
+    assert all(a.startswith(PREFIX + "/") for a in addresses)

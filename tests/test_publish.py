@@ -22,8 +22,8 @@ import pytest
 from orchestrator.job import PublishError, publish_all
 from orchestrator.pipeline import load_file
 from orchestrator.runner import run_job
+from stages.codec import Event
 from stages.errors import EXIT_FAILED
-from stages.events import Event
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
 

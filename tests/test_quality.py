@@ -24,7 +24,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "td": frozenset(),
 }
 #: Modules below every layer, importable by all but td: they import nothing of the project.
-SHARED = frozenset({"stages.errors"})
+SHARED = frozenset({"stages.errors", "stages.protocol"})
 
 
 def module_name(path: Path) -> str:

@@ -12,14 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.supervisor import RestartPolicy, Supervisor
+from orchestrator.supervisor import Backoff, Supervisor
 from tests.support.daemon_peer import PIPELINES, Client
 from tests.support.env import subprocess_env
 
 
 def test_backoff_doubles_resets_after_a_stable_run_and_flapping_cools_down() -> None:
     t = [0.0]
-    policy = RestartPolicy(backoff_start=1, backoff_max=8, stable_after=30, flap_window=100, flap_limit=5,
+    policy = Backoff(backoff_start=1, backoff_max=8, stable_after=30, flap_window=100, flap_limit=5,
                            flap_cooldown=300)
     sup = Supervisor(["x"], Path("."), Path("log"), policy, now=lambda: t[0])
     recent: deque[float] = deque()

@@ -1,7 +1,7 @@
 """The daemon path of the TD side, against a fake ``cuepipe serve`` that speaks docs/protocol.md.
 
 The fake daemon is a UDP socket: what TD sends is decoded with the orchestrator's own codec
-(``stages.events.decode(data, COMMANDS)``), and its answers are encoded with it too, so the TD
+(``stages.codec.decode(data, COMMANDS)``), and its answers are encoded with it too, so the TD
 side's separate stdlib codec is checked against the real one in both directions.
 """
 
@@ -17,9 +17,19 @@ from typing import Any
 
 import pytest
 
-from orchestrator.commands import COMMANDS, HEARTBEAT, REPLY_ACK, REPLY_ERROR, REPLY_PIPELINES, REPLY_STATUS
-from orchestrator.events import JOB_DONE, JOB_PROGRESS, JOB_STARTED
-from stages.events import Event, EventSpec, decode, encode
+from stages.codec import Event, decode, encode
+from stages.protocol import (
+    COMMANDS,
+    HEARTBEAT,
+    JOB_DONE,
+    JOB_PROGRESS,
+    JOB_STARTED,
+    REPLY_ACK,
+    REPLY_ERROR,
+    REPLY_PIPELINES,
+    REPLY_STATUS,
+    EventSpec,
+)
 from td.extension import CuepipeExt
 from tests.support.env import subprocess_env
 from tests.support.td_fakes import FakeComp, TDPort, frame

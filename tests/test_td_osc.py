@@ -1,4 +1,4 @@
-"""td/osc.py and td/protocol.py: the TD side's stdlib OSC codec against python-osc and the real specs."""
+"""td/osc.py and td/protocol.py: the TD side's stdlib OSC codec against python-osc, on the one address space."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import contextlib
 import functools
 import random
 import struct
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from orchestrator import commands, events
-from stages import events as stage_events
+import stages.protocol as shared
+from stages import codec
 from td import osc, protocol
 
 PROGRESS = {"job": "20261122-031500-a1b2", "index": 1, "stage": "matting", "fraction": 0.25, "frame": 12,
@@ -21,24 +23,40 @@ RUN = {"tag": "btn1", "reply_port": 7000, "pipeline": "matte", "input": "C:/take
        "sets": ("matting.ratio=0.5",)}
 
 
-def test_specs_match_the_orchestrator() -> None:
-    """td/protocol.py restates the address space without python-osc; it must equal the real one."""
-    real = events.JOB_EVENTS + commands.COMMANDS + commands.REPLIES
-    mine = protocol.JOB_EVENTS + protocol.COMMANDS + protocol.REPLIES
-    assert [(s.address, s.args, s.tail) for s in mine] == [(s.address, s.args, s.tail) for s in real]
+def test_td_uses_the_one_declaration() -> None:
+    """td/protocol.py declares no spec: it loads stages/protocol.py by path and re-exports its objects."""
+    space = protocol._space
+    assert Path(space.__file__).resolve() == Path(shared.__file__).resolve() == protocol.SOURCE
+    assert "spec_of(" not in Path(protocol.__file__).read_text(encoding="utf-8")
+    names = [n for n in vars(protocol) if n.isupper() and n != "SOURCE"]
+    assert {"PREFIX", "JOB_EVENTS", "COMMANDS", "REPLIES", "CMD_RUN", "HEARTBEAT"} <= set(names)
+    for name in names:
+        if name == "INCOMING":
+            continue
+        assert getattr(protocol, name) is getattr(space, name), name  # the very objects, not copies
+        mine, real = getattr(protocol, name), getattr(shared, name)  # and the orchestrator's values
+        assert mine == real if isinstance(mine, str) else _values(mine) == _values(real), name
+    assert set(protocol.INCOMING.values()) == set(space.JOB_EVENTS + space.REPLIES)
+
+
+def _values(specs: Any) -> Any:
+    """(address, args, tail) of a spec or of each spec in a table: equal across the two loads."""
+    if isinstance(specs, tuple):
+        return [_values(s) for s in specs]
+    return (specs.address, specs.args, specs.tail)
 
 
 @pytest.mark.parametrize(("mine", "real", "fields"), [
-    (protocol.JOB_PROGRESS, events.JOB_PROGRESS, PROGRESS),
-    (protocol.CMD_RUN, commands.CMD_RUN, RUN),
-    (protocol.JOB_DONE, events.JOB_DONE, {"job": "j", "seconds": 1.5, "outputs": ("/a/ü.mov", "/b.mov")}),
-    (protocol.CMD_PING, commands.CMD_PING, {"tag": "", "reply_port": 0}),
+    (protocol.JOB_PROGRESS, shared.JOB_PROGRESS, PROGRESS),
+    (protocol.CMD_RUN, shared.CMD_RUN, RUN),
+    (protocol.JOB_DONE, shared.JOB_DONE, {"job": "j", "seconds": 1.5, "outputs": ("/a/ü.mov", "/b.mov")}),
+    (protocol.CMD_PING, shared.CMD_PING, {"tag": "", "reply_port": 0}),
 ])
-def test_encode_is_byte_identical_to_python_osc(mine: protocol.Spec, real: stage_events.EventSpec,
+def test_encode_is_byte_identical_to_python_osc(mine: protocol.Spec, real: shared.EventSpec,
                                                 fields: dict[str, object]) -> None:
     data = protocol.encode(mine, **fields)
-    assert data == stage_events.encode(real, **fields)
-    assert stage_events.decode(data, [real])[0].fields == fields
+    assert data == codec.encode(real, **fields)
+    assert codec.decode(data, [real])[0].fields == fields
     (message,) = osc.decode(data)
     assert protocol.parse(message.address, message.args, {mine.address: mine}) == (mine, fields)
 
@@ -66,7 +84,7 @@ def test_nested_bundles_flatten_in_order() -> None:
     assert [(m.address, m.args) for m in osc.decode(mine)] == [("/a", (1,)), ("/b", ("x",))]
 
 
-VALID = stage_events.encode(events.JOB_PROGRESS, **PROGRESS)
+VALID = codec.encode(shared.JOB_PROGRESS, **PROGRESS)
 BAD_UTF8 = osc.encode_message("/cuepipe/v1/job/cancelled", ["j", 0, "s"])[:-4] + b"\xff\xfe\0\0"
 MALFORMED = {
     "truncated float": VALID[:-4],

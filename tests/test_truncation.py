@@ -21,7 +21,7 @@ import pytest
 
 from stages import composite, generate, matting, preprocess
 from stages.errors import ErrorKind
-from stages.events import WarningKind
+from stages.protocol import WarningKind
 from stages.stage import StageEvents
 from stages.video import (
     AudioSource,

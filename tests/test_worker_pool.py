@@ -16,7 +16,7 @@ import pytest
 from orchestrator.job import Job, JobState
 from orchestrator.pipeline import parse
 from orchestrator.worker_pool import WorkerPool
-from stages.events import Event
+from stages.codec import Event
 
 TOML = """
 [defaults]

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from orchestrator.commands import COMMANDS, REPLIES
-from orchestrator.events import JOB_EVENTS
-from stages.events import Event, decode, encode
+from stages.codec import Event, decode, encode
+from stages.protocol import COMMANDS, JOB_EVENTS, REPLIES
 from tests.support.env import subprocess_env
 
 #: Pipelines of the misbehaving test stage (and one real one), shared by the daemon and failure tests.

@@ -6,7 +6,8 @@ import socket
 import threading
 import time
 
-from stages.events import STAGE_EVENTS, Event, EventError, EventSpec, decode
+from stages.codec import Event, EventError, decode
+from stages.protocol import JOB_EVENTS, STAGE_EVENTS, EventSpec
 
 
 class FakeTD:
@@ -60,8 +61,4 @@ class FakeTD:
 
 
 def all_specs() -> tuple[EventSpec, ...]:
-    try:
-        from orchestrator.events import JOB_EVENTS
-    except ImportError:  # before the orchestrator side exists
-        return STAGE_EVENTS
     return STAGE_EVENTS + JOB_EVENTS

@@ -6,11 +6,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from orchestrator.events import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_STARTED
 from orchestrator.job import JobResult, JobState
 from orchestrator.journal import JobRecord
 from orchestrator.pipeline import Pipeline
-from stages.events import Event
+from stages.codec import Event
+from stages.protocol import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_STARTED
 
 
 class FakeClock:

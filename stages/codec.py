@@ -1,30 +1,26 @@
-"""Events: the OSC messages cuepipe sends, their schemas, and the sender.
+"""The codec: Events (``stages.protocol`` specs) to OSC datagrams and back, with python-osc.
 
-A Stage reports to its ``--report HOST:PORT`` addresses with the stage Events below; the
-launcher relays them as Job Events (``orchestrator/events.py``) using the same codec. Every
-address, argument name and OSC type tag is declared once here as an ``EventSpec`` and documented
-in ``docs/protocol.md``. This module is the lowest layer: stdlib + python-osc, no orchestrator.
+``encode`` checks every argument against its spec before anything is sent; ``decode`` turns a
+datagram (a message or a bundle) into ``Event``s of the specs it is given and raises ``EventError``
+for anything else, never another exception. Stages, the launcher and the daemon all use it; the
+addresses are declared in ``stages/protocol.py``, the UDP sender is ``stages/sender.py``, and
+TouchDesigner's stdlib codec (``td/osc.py``) is tested byte-identical to this one.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
 from stages.errors import CuepipeError, ErrorKind
+from stages.protocol import EventSpec
 
-log = logging.getLogger(__name__)
-
-PREFIX = "/cuepipe/v1"
 #: OSC type tag -> Python type accepted for it.
 _TAG_TYPES: dict[str, tuple[type, ...]] = {"i": (int,), "f": (float, int), "s": (str,)}
 _INT32 = (-(2**31), 2**31 - 1)
@@ -53,25 +49,6 @@ class UnknownAddress(EventError):
     """A well-formed OSC message at an address none of the given specs has."""
 
 
-class WarningKind(StrEnum):
-    """What a stage accepted but must not keep quiet about: the ``kind`` of a ``warning`` Event."""
-
-    INPUT_TRUNCATED = "input_truncated"  # fewer frames decoded than the container declares (allow_truncated)
-
-
-@dataclass(frozen=True)
-class EventSpec:
-    """One OSC address and its fixed arguments (name, type tag), plus an optional string tail."""
-
-    address: str
-    args: tuple[tuple[str, str], ...]
-    tail: str | None = None  # name of a trailing list of strings (e.g. output paths)
-
-    @property
-    def name(self) -> str:
-        return self.address.removeprefix(PREFIX + "/")
-
-
 @dataclass(frozen=True)
 class Event:
     """A decoded Event: its spec and its arguments by name (the tail, if any, as a tuple)."""
@@ -88,20 +65,6 @@ class Event:
         for k, v in self.fields.items():
             out[k] = list(v) if isinstance(v, tuple) else v
         return out
-
-
-def spec_of(path: str, args: str, tail: str | None = None) -> EventSpec:
-    """Build a spec from ``"name:tag name:tag"`` shorthand."""
-    pairs = tuple((a.split(":")[0], a.split(":")[1]) for a in args.split())
-    return EventSpec(f"{PREFIX}/{path}", pairs, tail)
-
-
-STAGE_STARTED = spec_of("stage/started", "stage:s pid:i info:s")
-STAGE_PROGRESS = spec_of("stage/progress", "stage:s fraction:f frame:i total:i fps:f")
-STAGE_DONE = spec_of("stage/done", "stage:s frames:i seconds:f", tail="outputs")
-STAGE_FAILED = spec_of("stage/failed", "stage:s kind:s message:s")
-STAGE_WARNING = spec_of("stage/warning", "stage:s kind:s message:s")
-STAGE_EVENTS: tuple[EventSpec, ...] = (STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED, STAGE_WARNING)
 
 
 def _typed(spec: EventSpec, name: str, tag: str, value: Any) -> Any:
@@ -201,58 +164,6 @@ def _fields(spec: EventSpec, params: list[Any]) -> dict[str, Any]:
             raise EventError(f"{spec.name}: {spec.tail} must be strings")
         fields[spec.tail] = tuple(tail)
     return fields
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into a (host, port) pair."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
-class EventSender:
-    """Sends Events over UDP to any number of report addresses; never raises on network errors.
-
-    A lost Event must not kill a Stage that is doing its work, so send errors are logged once per
-    target and otherwise ignored (UDP gives no delivery guarantee anyway).
-    """
-
-    def __init__(self, targets: Sequence[tuple[str, int]]) -> None:
-        self._targets: list[tuple[socket.socket, Any]] = []
-        self._sockets: dict[int, socket.socket] = {}
-        self._warned: set[int] = set()
-        for host, port in targets:
-            family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-            if family not in self._sockets:
-                self._sockets[family] = socket.socket(family, socket.SOCK_DGRAM)
-            self._targets.append((self._sockets[family], sockaddr))
-
-    def send(self, spec: EventSpec, **fields: Any) -> None:
-        data = encode(spec, **fields)
-        for i, (sock, addr) in enumerate(self._targets):
-            try:
-                sock.sendto(data, addr)
-            except OSError as exc:
-                if i not in self._warned:
-                    self._warned.add(i)
-                    log.warning("cannot send events to %s: %s", addr, exc)
-
-    def emit(self, event: Event) -> None:
-        self.send(event.spec, **event.fields)
-
-    def close(self) -> None:
-        for sock in self._sockets.values():
-            sock.close()
-        self._sockets.clear()
-        self._targets.clear()
-
-    def __enter__(self) -> EventSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def info_json(**info: Any) -> str:
