@@ -30,10 +30,17 @@ def load(repo: str | Path, name: str = PACKAGE, fresh: bool = True) -> ModuleTyp
             del sys.modules[key]
     elif name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    if spec is None or spec.loader is None:
-        raise ImportError(f"no cuepipe td package at {folder}")
+    return load_file(name, folder / "__init__.py", package=True)
+
+
+def load_file(name: str, path: Path, package: bool = False) -> ModuleType:
+    """Execute the Python file ``path`` as module ``name`` (a package when ``package``), registered in
+    ``sys.modules`` while it runs (dataclasses and relative imports need that), removed on failure.
+    The one by-path loader of td/: this package inside TD, and the shared address space."""
+    search = [str(path.parent)] if package else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ImportError(f"cannot load {name} from {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

@@ -11,15 +11,14 @@ the orchestrator's very specs and that ``encode`` is byte-identical to python-os
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 from . import osc
+from .boot import load_file
 
 #: The one declaration of the address space, in the repository this ``td/`` folder belongs to.
 SOURCE = Path(__file__).resolve().parent.parent / "stages" / "protocol.py"
@@ -31,18 +30,9 @@ def _load_address_space() -> ModuleType:
     Registered in ``sys.modules`` (its dataclasses need that) under this package's name, so a fresh
     ``boot.load`` drops and reloads it together with the package.
     """
-    name = f"{__package__}._address_space"
-    spec = importlib.util.spec_from_file_location(name, SOURCE)
-    if spec is None or spec.loader is None or not SOURCE.is_file():
+    if not SOURCE.is_file():
         raise ImportError(f"the cuepipe address space is missing: {SOURCE} (td/ must stay inside the repository)")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    return load_file(f"{__package__}._address_space", SOURCE)
 
 
 _space = _load_address_space()
