@@ -35,7 +35,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support.genmodels, when run as a script
 
-from models.generator import GeneratorContract
+from models.contract import GeneratorContract
 from orchestrator.democlip import render_frames
 from stages import generate
 from stages.generator import Generator

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from models.builtin import BUILDERS
-from models.generator import ContractError, GeneratorContract
+from models.contract import ContractError, GeneratorContract
 from stages.errors import CuepipeError, ErrorKind
 
 __all__ = [
@@ -117,7 +117,7 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     downsample_ratios: tuple[DownsampleRatio, ...]
-    #: image-to-image generators: how frames map to the model's tensors (``models/generator.py``)
+    #: image-to-image generators: how frames map to the model's tensors (``models/contract.py``)
     generator: GeneratorContract | None = None
     #: built locally by ``models.builtin.BUILDERS[builtin]`` instead of downloaded (``cuepipe models fetch``)
     builtin: str | None = None

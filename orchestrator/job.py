@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import defaults
-from orchestrator.pipeline import Pipeline, Stage
+from orchestrator.pipeline import Pipeline, Step
 from orchestrator.transport import EventSocket
 from orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
 from orchestrator.worker_pool import ResidentTask, WorkerPool
@@ -320,7 +320,7 @@ class Job:
         self._emit(JOB_FAILED, index=index, stage=stage, exit_code=NO_EXIT_CODE, kind=kind.value, message=message)
         return JobResult(self.job_id, JobState.FAILED, [], NO_EXIT_CODE, kind, message, index, self.work_dir)
 
-    def _finish_failed(self, index: int, stage: Stage, attempt: Attempt) -> JobResult:
+    def _finish_failed(self, index: int, stage: Step, attempt: Attempt) -> JobResult:
         kind = attempt.kind or ErrorKind.INTERNAL
         if kind is ErrorKind.CANCELLED:
             self._emit(JOB_CANCELLED, index=index, stage=stage.name)
@@ -332,7 +332,7 @@ class Job:
             state = JobState.FAILED  # the work folder stays, with each stage's log, for diagnosis
         return JobResult(self.job_id, state, [], attempt.exit_code, kind, attempt.message, index, self.work_dir)
 
-    def _stage(self, sock: EventSocket, index: int, stage: Stage, source: Path) -> Attempt:
+    def _stage(self, sock: EventSocket, index: int, stage: Step, source: Path) -> Attempt:
         """Run one stage with its retries; return the last attempt."""
         for number in range(1, stage.retries + 2):
             attempt = self._attempt(sock, index, stage, number, source)
@@ -346,7 +346,7 @@ class Job:
                 return attempt
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def argv(self, stage: Stage, source: Path, out: Path, port: int) -> list[str]:
+    def argv(self, stage: Step, source: Path, out: Path, port: int) -> list[str]:
         args = [self.python, "-m", STAGES[stage.name], "--input", str(source), "--output-dir", str(out),
                 "--report", f"127.0.0.1:{port}"]
         for key, value in stage.params.items():
@@ -354,7 +354,7 @@ class Job:
                 args.append(f"{option(key)}={str(value).lower() if isinstance(value, bool) else value}")
         return args
 
-    def _attempt(self, sock: EventSocket, index: int, stage: Stage, number: int, source: Path) -> Attempt:
+    def _attempt(self, sock: EventSocket, index: int, stage: Step, number: int, source: Path) -> Attempt:
         tag = f"{index:02d}-{stage.name}" + (f"-attempt{number}" if number > 1 else "")
         out = self.work_dir / tag
         out.mkdir()
@@ -392,7 +392,7 @@ class Job:
                        seconds=result.seconds, outputs=[str(p) for p in result.outputs])
         return result
 
-    def _launch(self, stage: Stage, source: Path, out: Path, port: int, tag: str) -> Task:
+    def _launch(self, stage: Step, source: Path, out: Path, port: int, tag: str) -> Task:
         """Start the stage: on a resident Worker from the pool when the stage is ``warm``, else cold."""
         if self.pool is not None and stage.warm:
             resident = self.pool.lease(stage.name, self.cancel)
@@ -405,7 +405,7 @@ class Job:
         worker.start()
         return worker
 
-    def _stop_reason(self, stage: Stage, started_at: float, last_event: float) -> tuple[ErrorKind, str] | None:
+    def _stop_reason(self, stage: Step, started_at: float, last_event: float) -> tuple[ErrorKind, str] | None:
         """Why the launcher must stop the running stage now, if it must."""
         t = self.now()
         if self.cancel.is_set():
@@ -436,7 +436,7 @@ class Job:
                 result.kind = ErrorKind.OUTPUT_ERROR
                 result.message = f"done named missing output(s): {', '.join(map(str, missing))}"
 
-    def _on_event(self, event: Event, index: int, stage: Stage, number: int, result: Attempt) -> None:
+    def _on_event(self, event: Event, index: int, stage: Step, number: int, result: Attempt) -> None:
         name = event.spec.name
         if event["stage"] != stage.name:
             log.warning("ignoring %s from stage %r while running %r", name, event["stage"], stage.name)

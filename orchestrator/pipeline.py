@@ -43,8 +43,10 @@ class ConfigError(CuepipeError):
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One step of a Pipeline: which stage program, its parameters and its supervision limits."""
+class Step:
+    """One step of a Pipeline: which Stage program runs, with its parameters and supervision limits.
+
+    (Not a Stage itself: a Stage is the program; the same Stage may be several Steps of a Pipeline.)"""
 
     name: str
     params: Mapping[str, Any]
@@ -62,7 +64,7 @@ class Stage:
 class Pipeline:
     name: str
     description: str
-    stages: tuple[Stage, ...]
+    stages: tuple[Step, ...]
     out: Path
     report: tuple[tuple[str, int], ...]
     resource: str = defaults.RESOURCE  # which daemon slot pool the pipeline's jobs use (e.g. cpu, gpu)
@@ -168,7 +170,7 @@ def _reports(file: Path, value: Any, pipeline: str | None) -> tuple[tuple[str, i
         raise ConfigError(file, str(exc), pipeline, key="report") from None
 
 
-def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, Any]) -> Stage:
+def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, Any]) -> Step:
     label = str(index)
     if not isinstance(raw, dict):
         raise ConfigError(file, "each stage must be a table", pipeline, label)
@@ -195,7 +197,7 @@ def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, A
         if not isinstance(value, bool):
             raise ConfigError(file, f"{key} must be true or false, got {value!r}", pipeline, label, key)
     stall = merged.get("stall_timeout")
-    return Stage(
+    return Step(
         name=name,
         params=MappingProxyType(coerce_params(file, pipeline, label, name, params, file.parent)),
         timeout=float(_number(file, merged["timeout"], "timeout", pipeline, label, "timeout", positive=True)),

@@ -105,7 +105,7 @@ def parse_position(text: str) -> tuple[float, float]:
 
 def _coerce(params: dict[str, Any]) -> dict[str, Any]:
     """Validate keyword parameters exactly as argv values are (run() is called directly too)."""
-    from models.generator import ContractError, parse_size
+    from models.contract import ContractError, parse_size
 
     out = coerce_all(NAME, PARAMS, params)
     out["position"] = parse_position(out["position"])

@@ -10,7 +10,7 @@ threshold`` (plus ``margin``), generates there and puts the result back only whe
 every pixel outside the alpha keeps the input's exact colour (frames without a person pass through);
 ``frame`` generates the whole frame; ``auto`` (default) is ``person`` when the input has alpha.
 
-The model's contract (``models/generator.py``: layout, channel order, value ranges, size, batch,
+The model's contract (``models/contract.py``: layout, channel order, value ranges, size, batch,
 condition input) comes from its manifest entry when ``model`` is a manifest name; the contract
 parameters below override it, or declare it for a plain ``.onnx`` path. It is checked against the
 model's real inputs and outputs before the first frame (``model_invalid`` on a mismatch, naming both).
@@ -55,7 +55,7 @@ from stages.stage import (
 )
 
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
-    from models.generator import GeneratorContract
+    from models.contract import GeneratorContract
     from stages.framepipe import Sink
     from stages.generator import Generator
 
@@ -88,7 +88,7 @@ PARAMS: dict[str, Param] = {
     "condition_video": Param(str, None, "video feeding the condition input when condition = video",
                              kind=ParamKind.PATH),
     "allow_truncated": ALLOW_TRUNCATED,
-    # the contract (models/generator.py); unset: the manifest's, else the defaults
+    # the contract (models/contract.py); unset: the manifest's, else the defaults
     "input_name": Param(str, None, "contract: the image input's name (default: the first input)"),
     "output_name": Param(str, None, "contract: the generated image output's name (default: the first output)"),
     "layout": Param(str, None, "contract: nchw or nhwc (default nchw)", choices=("nchw", "nhwc")),
@@ -118,7 +118,7 @@ def _coerce(params: dict[str, Any]) -> dict[str, Any]:
 def resolve_contract(opts: dict[str, Any]) -> tuple[Path, GeneratorContract]:
     """The model file and its contract: the manifest's (if any) with the contract parameters applied."""
     from models import ModelError, load_manifest, resolve
-    from models.generator import CONTRACT_KEYS, ContractError, GeneratorContract
+    from models.contract import CONTRACT_KEYS, ContractError, GeneratorContract
 
     try:
         path = resolve(opts["model"])

@@ -4,7 +4,7 @@
     x, c = gen.pack(image_bgr, alpha)                       # the model's tensors (reader thread)
     [out_bgr] = gen.run([x], [c])                           # BGR uint8 at the model's output size
 
-The contract (``models.generator.GeneratorContract``) is checked against the model's real inputs
+The contract (``models.contract.GeneratorContract``) is checked against the model's real inputs
 and outputs when the ``Generator`` is created: names, ranks, dtypes, fixed channel / size / batch
 dims, then one test run on zeros of the planned shape. Any mismatch is ``StageError(MODEL_INVALID)``
 saying what was declared and what the model has, so a stage fails before its first frame.
@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.generator import GeneratorContract
+from models.contract import GeneratorContract
 from stages.errors import ErrorKind
 from stages.stage import StageError
 

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .daemon import DaemonLink
 from .jobs import JobRow, JobTable, write_table
 from .launcher import (
     REPO_ROOT,
@@ -33,6 +32,7 @@ from .launcher import (
     new_job_id,
     start_job,
 )
+from .link import DaemonLink
 from .parameters import Value, assign, setup_parameters, split_sets
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import osc, protocol
-from .daemon import DaemonLink
+from .link import DaemonLink
 from .rows import COLUMNS, FINAL, JobRow, fire, write_table
 
 __all__ = ["COLUMNS", "FINAL", "Hooks", "JobRow", "JobTable", "write_table"]
@@ -142,7 +142,7 @@ class JobTable:
             return 0
         return sum(self.receive(m.address, m.args) for m in messages)
 
-    # ------------------------------------------------- what the daemon link reports (td/daemon.py)
+    # ------------------------------------------------- what the daemon link reports (td/link.py)
 
     def daemon_offline(self, error: str) -> None:
         """The daemon went silent: its open rows show ``offline`` (with ``error``); ``offline`` hooks run."""

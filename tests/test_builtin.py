@@ -14,8 +14,8 @@ import models
 from models import ModelInvalidError, ModelMissingError, builtin
 from models import fetch as fetch_mod
 from models.cli import models_command
+from models.contract import GeneratorContract
 from models.fetch import fetch, sha256_file, verify
-from models.generator import GeneratorContract
 from orchestrator.democlip import render_frames
 from stages import generate
 from stages.errors import ErrorKind

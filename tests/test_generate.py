@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import models
-from models.generator import ContractError, GeneratorContract, parse_range
+from models.contract import ContractError, GeneratorContract, parse_range
 from orchestrator.democlip import render_frames
 from stages import generate, inference
 from stages.errors import ErrorKind
