@@ -4,7 +4,7 @@
 
 Prints one table (medians over ``rounds`` interleaved rounds). The model is a test-built random conv
 generator (``tests/support/genmodels.py``: 3x3 conv -> ReLU -> 3x3 conv -> sigmoid, ``hidden`` channels,
-NCHW RGB [0,1], dynamic size; needs the ``onnx`` package). The input is ``orchestrator.democlip``'s
+NCHW RGB [0,1], dynamic size; needs the ``onnx`` package). The input is ``cuepipe.orchestrator.democlip``'s
 figure with its exact mask as a BGRA UT Video clip, as ``matting``'s ``rgba`` output holds it.
 CPU ms/frame counts this process and its ffmpeg children; frames/s is sensitive to load from
 elsewhere: the load average is printed at the start and the end.
@@ -12,7 +12,7 @@ elsewhere: the load average is printed at the start and the end.
 - bare: ``Generator.run`` (the stage's session: ORT_ENABLE_ALL, idle threads sleep) on tensors
   prepared beforehand exactly as the stage prepares them (whole frames, or the person crops);
   inference and un-packing only, first frame excluded (warm-up).
-- stage: ``stages.generate.run`` writing ``generated_rgba.mkv`` (decode in ffmpeg, crop / resize /
+- stage: ``cuepipe.stages.generate.run`` writing ``generated_rgba.mkv`` (decode in ffmpeg, crop / resize /
   packing in the reader thread, inference and paste-back in order, BGRA conversion and encoding in
   the writer's thread and ffmpeg): steady frames/s from the first to the last frame out of
   inference; "tail" is from there to the return of ``run`` (last frames encoded, files published).
@@ -35,14 +35,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support.genmodels, when run as a script
 
-from models.contract import GeneratorContract
-from orchestrator.democlip import render_frames
-from stages import generate
-from stages.generator import Generator
-from stages.genframes import FramePass
-from stages.rgba import RgbaReader
-from stages.stage import StageEvents
-from stages.video import Codec, VideoWriter
+from cuepipe.models.contract import GeneratorContract
+from cuepipe.orchestrator.democlip import render_frames
+from cuepipe.stages import generate
+from cuepipe.stages.generator import Generator
+from cuepipe.stages.genframes import FramePass
+from cuepipe.stages.rgba import RgbaReader
+from cuepipe.stages.stage import StageEvents
+from cuepipe.stages.video import Codec, VideoWriter
 from tests.support import genmodels
 
 SIZES = [(320, 180), (640, 360), (1280, 720)]

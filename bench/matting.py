@@ -3,14 +3,14 @@
     python bench/matting.py [--frames 48] [--rounds 3] [--threads 0] [--long 300] [--quick]
 
 Prints the process's resident memory over a long 640x360 stage run, then one table (medians over
-``rounds`` interleaved rounds). Input clips come from ``orchestrator.democlip`` (H.264, 24 fps).
+``rounds`` interleaved rounds). Input clips come from ``cuepipe.orchestrator.democlip`` (H.264, 24 fps).
 CPU ms/frame counts this process and its ffmpeg children, so it is robust to load from elsewhere;
 frames/s is not: the load average is printed at the start and the end.
 
-- bare: ``stages.rvm.RVM.infer`` on pre-converted tensors, same session settings as the stage
+- bare: ``cuepipe.stages.rvm.RVM.infer`` on pre-converted tensors, same session settings as the stage
   (ORT_ENABLE_ALL, idle threads sleep); inference only, first frame excluded (warm-up). "bare, ORT
   spinning": the same with onnxruntime's default of spinning idle threads, for comparison.
-- stage: ``stages.matting.run`` with the given outputs (decode, inference, post-processing,
+- stage: ``cuepipe.stages.matting.run`` with the given outputs (decode, inference, post-processing,
   compositing and encoding in its threads and ffmpeg processes): steady frames/s from the first to
   the last frame out of inference (queues are bounded, so inference cannot run ahead of the
   encoders by more than a few frames); "tail" is the time from there to the return of ``run``
@@ -38,12 +38,12 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from models import resolve
-from orchestrator.democlip import write_clip
-from stages import matting
-from stages.rvm import RVM, InputBuffer
-from stages.stage import StageEvents
-from stages.video import VideoReader
+from cuepipe.models import resolve
+from cuepipe.orchestrator.democlip import write_clip
+from cuepipe.stages import matting
+from cuepipe.stages.rvm import RVM, InputBuffer
+from cuepipe.stages.stage import StageEvents
+from cuepipe.stages.video import VideoReader
 
 CONFIGS = [(640, 360, 1.0), (1280, 720, 0.25), (1280, 720, 0.375), (1920, 1080, 0.25)]
 OUTPUTS = ["alpha,composite", "alpha"]

@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import resolve  # noqa: E402
-from orchestrator.democlip import render_frames  # noqa: E402
-from stages.codec import decode, encode  # noqa: E402
-from stages.protocol import CMD_RUN, JOB_EVENTS, REPLIES  # noqa: E402
-from stages.rvm import RVM, InputBuffer  # noqa: E402
-from stages.video import Codec, VideoWriter  # noqa: E402
+from cuepipe.models import resolve  # noqa: E402
+from cuepipe.orchestrator.democlip import render_frames  # noqa: E402
+from cuepipe.stages.codec import decode, encode  # noqa: E402
+from cuepipe.stages.protocol import CMD_RUN, JOB_EVENTS, REPLIES  # noqa: E402
+from cuepipe.stages.rvm import RVM, InputBuffer  # noqa: E402
+from cuepipe.stages.video import Codec, VideoWriter  # noqa: E402
 
 PIPELINES = """
 [defaults]
@@ -107,7 +107,8 @@ def main() -> None:
     bare = bare[1:]
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--pipelines", str(folder / "pipelines.toml"),
+    daemon = subprocess.Popen([sys.executable, "-m", "cuepipe.orchestrator.cli",
+                               "--pipelines", str(folder / "pipelines.toml"),
                                "serve", "--port", "0", "--root", str(folder), "--state", str(folder / "state"),
                                "--warm", "matting"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True)

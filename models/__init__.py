@@ -1,9 +1,9 @@
 """The model manifest (``models/manifest.toml``) as frozen specs, and where model files live.
 
-Stdlib-only at import (plus the shared failure vocabulary, ``stages.errors``) so stages can resolve a
+Stdlib-only at import (plus the shared failure vocabulary, ``cuepipe.stages.errors``) so stages can resolve a
 model name cheaply before loading onnxruntime.
-Fetching and verifying files is in ``models.fetch`` (``cuepipe models ...``); models that cuepipe
-builds itself (an entry's ``builtin`` key) are in ``models.builtin``.
+Fetching and verifying files is in ``cuepipe.models.fetch`` (``cuepipe models ...``); models that cuepipe
+builds itself (an entry's ``builtin`` key) are in ``cuepipe.models.builtin``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from models.builtin import BUILDERS
-from models.contract import ContractError, GeneratorContract
-from stages.errors import CuepipeError, ErrorKind
+from cuepipe.models.builtin import BUILDERS
+from cuepipe.models.contract import ContractError, GeneratorContract
+from cuepipe.stages.errors import CuepipeError, ErrorKind
 
 __all__ = [
     "DownsampleRatio",
@@ -119,7 +119,7 @@ class ModelSpec:
     downsample_ratios: tuple[DownsampleRatio, ...]
     #: image-to-image generators: how frames map to the model's tensors (``models/contract.py``)
     generator: GeneratorContract | None = None
-    #: built locally by ``models.builtin.BUILDERS[builtin]`` instead of downloaded (``cuepipe models fetch``)
+    #: built locally by ``cuepipe.models.builtin.BUILDERS[builtin]`` instead of downloaded (``cuepipe models fetch``)
     builtin: str | None = None
 
     @property

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.errors import CuepipeError, ErrorKind
 
 __all__ = ["BUILDERS", "TOON_INPUT", "TOON_OUTPUT", "BuiltinError", "build", "build_toon", "toon_bytes"]
 

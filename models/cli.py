@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from models import ModelError, load_manifest, model_dir
-from models.fetch import SOURCES, fetch, sha256_file, verify
+from cuepipe.models import ModelError, load_manifest, model_dir
+from cuepipe.models.fetch import SOURCES, fetch, sha256_file, verify
 
 
 def _size(size_bytes: int | None) -> str:

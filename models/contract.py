@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.errors import CuepipeError, ErrorKind
 
 __all__ = ["CONTRACT_KEYS", "ContractError", "GeneratorContract", "parse_range", "parse_size"]
 

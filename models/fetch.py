@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from models import (
+from cuepipe.models import (
     ModelError,
     ModelInvalidError,
     ModelMissingError,
@@ -183,7 +183,7 @@ def _from_pip(spec: ModelSpec, target: Path) -> Path:
 
 def _from_builtin(spec: ModelSpec, target: Path) -> Path:
     """Build a built-in model (``models/builtin.py``) and write it like a download: atomic, hash-checked."""
-    from models.builtin import BuiltinError, build
+    from cuepipe.models.builtin import BuiltinError, build
 
     if spec.builtin is None:
         raise ModelMissingError(f"{spec.name} is not a built-in model (it is downloaded: cuepipe models fetch "

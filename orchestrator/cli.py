@@ -15,12 +15,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator import defaults
-from orchestrator.job import JobState
-from orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
-from orchestrator.runner import cancel_on_signals, load_pipelines, run_job
-from stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK
-from stages.sender import parse_address
+from cuepipe.orchestrator import defaults
+from cuepipe.orchestrator.job import JobState
+from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
+from cuepipe.orchestrator.runner import cancel_on_signals, load_pipelines, run_job
+from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK
+from cuepipe.stages.sender import parse_address
 
 log = logging.getLogger("cuepipe")
 
@@ -103,8 +103,8 @@ def _slots(text: str) -> dict[str, int]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from orchestrator.daemon import Daemon, DaemonConfig, DaemonError
-    from orchestrator.scheduler import RestartPolicy
+    from cuepipe.orchestrator.daemon import Daemon, DaemonConfig, DaemonError
+    from cuepipe.orchestrator.scheduler import RestartPolicy
 
     pipelines = load_or_report(args.pipelines)
     if pipelines is None:
@@ -130,9 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
-    from orchestrator.supervisor import Supervisor
+    from cuepipe.orchestrator.supervisor import Supervisor
 
-    argv = [sys.executable, "-m", "orchestrator.cli"]
+    argv = [sys.executable, "-m", "cuepipe.orchestrator.cli"]
     if args.pipelines:
         argv += ["--pipelines", str(args.pipelines.resolve())]
     argv += ["serve", *args.serve_args]
@@ -144,13 +144,13 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import demo
+    from cuepipe.orchestrator.demo import demo
 
     return demo(out=args.out, reports=args.report, json_lines=args.json, pipeline=args.pipeline)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from models.cli import models_command
+    from cuepipe.models.cli import models_command
 
     return models_command(list(args.rest))
 

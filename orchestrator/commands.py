@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from orchestrator.journal import JobRecord
-from orchestrator.scheduler import Scheduler
-from stages.codec import Event
-from stages.protocol import (
+from cuepipe.orchestrator.journal import JobRecord
+from cuepipe.orchestrator.scheduler import Scheduler
+from cuepipe.stages.codec import Event
+from cuepipe.stages.protocol import (
     CMD_CANCEL,
     CMD_LIST,
     CMD_PING,

@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import commands, defaults
-from orchestrator.journal import JobRecord, Journal, JournalError
-from orchestrator.pipeline import PipelineFile, describe
-from orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
-from orchestrator.transport import DatagramQueue, EventSocket
-from orchestrator.worker import ProcessRegistry, reap_leftovers
-from orchestrator.worker_pool import WorkerPool
-from stages.codec import Event, EventError, MalformedPacket, UnknownAddress, decode, encode
-from stages.errors import CuepipeError, ErrorKind
-from stages.protocol import COMMANDS, HEARTBEAT, PREFIX, REPLY_ERROR, EventSpec
+from cuepipe.orchestrator import commands, defaults
+from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
+from cuepipe.orchestrator.pipeline import PipelineFile, describe
+from cuepipe.orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
+from cuepipe.orchestrator.transport import DatagramQueue, EventSocket
+from cuepipe.orchestrator.worker import ProcessRegistry, reap_leftovers
+from cuepipe.orchestrator.worker_pool import WorkerPool
+from cuepipe.stages.codec import Event, EventError, MalformedPacket, UnknownAddress, decode, encode
+from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.protocol import COMMANDS, HEARTBEAT, PREFIX, REPLY_ERROR, EventSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DaemonConfig:
         if not loopback and not self.allow:
             raise DaemonError(f"binding to {self.host} exposes the daemon to the network: give the peers "
                               "allowed to send commands with --allow ADDRESS (repeatable)")
-        from stages import STAGES
+        from cuepipe.stages import STAGES
 
         for stage in self.warm:
             if stage not in STAGES:

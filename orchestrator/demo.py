@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator import defaults
-from orchestrator.runner import load_pipelines, run_job
-from orchestrator.transport import EventListener
-from stages.codec import Event
-from stages.errors import EXIT_FAILED
-from stages.protocol import JOB_EVENTS
+from cuepipe.orchestrator import defaults
+from cuepipe.orchestrator.runner import load_pipelines, run_job
+from cuepipe.orchestrator.transport import EventListener
+from cuepipe.stages.codec import Event
+from cuepipe.stages.errors import EXIT_FAILED
+from cuepipe.stages.protocol import JOB_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ def alpha_iou(alpha: Path, mask: Path) -> tuple[float, float, int]:
 
 def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = False,
          pipeline: str | None = None) -> int:
-    from models import ModelError
-    from models.fetch import fetch
-    from orchestrator.democlip import write_clip
+    from cuepipe.models import ModelError
+    from cuepipe.models.fetch import fetch
+    from cuepipe.orchestrator.democlip import write_clip
 
     name = pipeline or defaults.DEMO_PIPELINE
     try:

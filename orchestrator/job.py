@@ -25,15 +25,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from orchestrator import defaults
-from orchestrator.pipeline import Pipeline, Step
-from orchestrator.transport import EventSocket
-from orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
-from orchestrator.worker_pool import ResidentTask, WorkerPool
-from stages import STAGES
-from stages.codec import Event
-from stages.errors import CuepipeError, ErrorKind
-from stages.protocol import (
+from cuepipe.orchestrator import defaults
+from cuepipe.orchestrator.pipeline import Pipeline, Step
+from cuepipe.orchestrator.transport import EventSocket
+from cuepipe.orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
+from cuepipe.orchestrator.worker_pool import ResidentTask, WorkerPool
+from cuepipe.stages import STAGES
+from cuepipe.stages.codec import Event
+from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.protocol import (
     JOB_CANCELLED,
     JOB_DONE,
     JOB_FAILED,
@@ -47,7 +47,7 @@ from stages.protocol import (
     STAGE_EVENTS,
     EventSpec,
 )
-from stages.stage import option
+from cuepipe.stages.stage import option
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.job import JobState
-from stages.errors import CuepipeError
+from cuepipe.orchestrator.job import JobState
+from cuepipe.stages.errors import CuepipeError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

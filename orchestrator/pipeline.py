@@ -15,11 +15,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from orchestrator import defaults
-from stages import STAGES, load
-from stages.errors import CuepipeError, ErrorKind
-from stages.sender import parse_address
-from stages.stage import Param, ParamKind
+from cuepipe.orchestrator import defaults
+from cuepipe.stages import STAGES, load
+from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.sender import parse_address
+from cuepipe.stages.stage import Param, ParamKind
 
 
 class ConfigError(CuepipeError):
@@ -128,7 +128,7 @@ def named_file(param: Param, value: Any) -> Path | None:
     if param.kind is ParamKind.MEDIA and (text.startswith("#") or text.lower() in param.words):
         return None
     if param.kind is ParamKind.MODEL:
-        from models import load_manifest  # stdlib-only; imported late to keep start-up light
+        from cuepipe.models import load_manifest  # stdlib-only; imported late to keep start-up light
 
         if text in load_manifest():
             return None
@@ -283,7 +283,7 @@ def load_file(path: Path) -> PipelineFile:
 
 def missing_resources(pipeline: Pipeline) -> list[str]:
     """Models and files a pipeline's parameters name that are not present (``cuepipe check``)."""
-    from models import ModelError, resolve  # models/ is stdlib-only; imported late to keep start-up light
+    from cuepipe.models import ModelError, resolve  # models/ is stdlib-only; imported late to keep start-up light
 
     problems = []
     for index, stage in enumerate(pipeline.stages):

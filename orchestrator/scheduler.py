@@ -18,14 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 
-from orchestrator import defaults
-from orchestrator.job import Job, JobResult, JobState, new_job_id
-from orchestrator.journal import JobRecord, Journal, JournalError
-from orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, resolve_request
-from orchestrator.worker_pool import WorkerPool
-from stages.codec import Event
-from stages.errors import CuepipeError, ErrorKind
-from stages.protocol import JOB_CANCELLED, JOB_QUEUED
+from cuepipe.orchestrator import defaults
+from cuepipe.orchestrator.job import Job, JobResult, JobState, new_job_id
+from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
+from cuepipe.orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, resolve_request
+from cuepipe.orchestrator.worker_pool import WorkerPool
+from cuepipe.stages.codec import Event
+from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.protocol import JOB_CANCELLED, JOB_QUEUED
 
 log = logging.getLogger(__name__)
 

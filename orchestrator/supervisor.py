@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.worker import Worker, WorkerError
+from cuepipe.orchestrator.worker import Worker, WorkerError
 
 log = logging.getLogger(__name__)
 

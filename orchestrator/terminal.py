@@ -13,7 +13,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from stages.codec import Event
+from cuepipe.stages.codec import Event
 
 
 class EventDisplay:

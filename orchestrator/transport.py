@@ -15,9 +15,9 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from orchestrator import defaults
-from stages.codec import Event, EventError, decode
-from stages.protocol import EventSpec
+from cuepipe.orchestrator import defaults
+from cuepipe.stages.codec import Event, EventError, decode
+from cuepipe.stages.protocol import EventSpec
 
 log = logging.getLogger(__name__)
 

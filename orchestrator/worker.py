@@ -37,9 +37,9 @@ from typing import IO, Any, Protocol
 
 import psutil
 
-from orchestrator import defaults
-from stages.errors import CuepipeError, ErrorKind
-from stages.parentwatch import PARENT_ENV, parent_token, same_process
+from cuepipe.orchestrator import defaults
+from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.parentwatch import PARENT_ENV, parent_token, same_process
 
 log = logging.getLogger(__name__)
 IS_WINDOWS = sys.platform == "win32"

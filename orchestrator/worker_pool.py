@@ -1,7 +1,7 @@
 """WorkerPool: resident stage Workers that keep their model loaded between jobs (``cuepipe serve``).
 
 A cold stage pays for Python start-up, imports and model loading on every trigger; a resident
-Worker (``python -m stages.<name> --serve``, see ``stages.stage.serve``) pays once. The pool leases an
+Worker (``python -m cuepipe.stages.<name> --serve``, see ``cuepipe.stages.stage.serve``) pays once. The pool leases an
 idle Worker of the right stage to a Job, or starts one; after the job it takes it back, unless the
 Worker must be recycled (after ``max_jobs`` jobs, or above ``max_rss`` bytes of memory) or died.
 A Worker that died is replaced, after a backoff that grows with consecutive crashes, so a stage that
@@ -25,9 +25,9 @@ from typing import Any
 
 import psutil
 
-from orchestrator import defaults
-from orchestrator.worker import ProcessRegistry, Worker, stage_env
-from stages import STAGES
+from cuepipe.orchestrator import defaults
+from cuepipe.orchestrator.worker import ProcessRegistry, Worker, stage_env
+from cuepipe.stages import STAGES
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Stages: standalone programs run as ``python -m stages.<name>`` (see docs/stages.md).
+"""Stages: standalone programs run as ``python -m cuepipe.stages.<name>`` (see docs/stages.md).
 
 ``STAGES`` is the registry the orchestrator validates pipelines against. Importing a stage module
 is cheap (heavy imports such as onnxruntime happen inside ``run``), so reading its ``PARAMS`` costs
@@ -12,13 +12,13 @@ import os
 from collections.abc import Mapping
 from types import ModuleType
 
-from stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.errors import CuepipeError, ErrorKind
 
 BUILTIN: Mapping[str, str] = {
-    "preprocess": "stages.preprocess",
-    "matting": "stages.matting",
-    "generate": "stages.generate",
-    "composite": "stages.composite",
+    "preprocess": "cuepipe.stages.preprocess",
+    "matting": "cuepipe.stages.matting",
+    "generate": "cuepipe.stages.generate",
+    "composite": "cuepipe.stages.composite",
 }
 
 

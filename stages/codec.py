@@ -1,4 +1,4 @@
-"""The codec: Events (``stages.protocol`` specs) to OSC datagrams and back, with python-osc.
+"""The codec: Events (``cuepipe.stages.protocol`` specs) to OSC datagrams and back, with python-osc.
 
 ``encode`` checks every argument against its spec before anything is sent; ``decode`` turns a
 datagram (a message or a bundle) into ``Event``s of the specs it is given and raises ``EventError``
@@ -18,8 +18,8 @@ from typing import Any
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
-from stages.errors import CuepipeError, ErrorKind
-from stages.protocol import EventSpec
+from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.protocol import EventSpec
 
 #: OSC type tag -> Python type accepted for it.
 _TAG_TYPES: dict[str, tuple[type, ...]] = {"i": (int,), "f": (float, int), "s": (str,)}

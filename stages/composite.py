@@ -1,6 +1,6 @@
 """The ``composite`` stage: a foreground with alpha, placed and scaled, over a background.
 
-    python -m stages.composite --input generated_rgba.mkv --output-dir out/ --report 127.0.0.1:7000 \\
+    python -m cuepipe.stages.composite --input generated_rgba.mkv --output-dir out/ --report 127.0.0.1:7000 \\
         --background stage_backdrop.mp4 --background-mode loop --position '[0.5,1]' --scale 0.8 \\
         --outputs video,png --audio input
 
@@ -14,7 +14,7 @@ own ``composite`` output: exact straight-alpha rounding, backgrounds scaled to c
 - ``size``: the output canvas: ``input`` (default: the layer's size), ``background`` (the background
   image's or video's own size) or ``WxH``. ``scale`` scales the layer; ``position`` = ``[x,y]`` aligns
   it like a percentage background position (``[0,0]`` top-left, ``[0.5,0.5]`` centred, ``[0.5,1]``
-  bottom-centre; outside 0..1 moves it past the edges: ``stages.compositing.place``).
+  bottom-centre; outside 0..1 moves it past the edges: ``cuepipe.stages.compositing.place``).
 - ``audio``: ``input`` (default: the layer's own audio, if any), ``background`` (the background
   video's), ``none``, or a path to any file with audio. It is cut or padded to the video's length.
 
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.errors import ErrorKind
-from stages.geometry import BACKGROUND_WORDS, NAMED_COLOURS
-from stages.stage import (
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.geometry import BACKGROUND_WORDS, NAMED_COLOURS
+from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     MAX_FRAME_SIDE,
     Param,
@@ -60,8 +60,8 @@ from stages.stage import (
 if TYPE_CHECKING:  # numpy / cv2 / ffmpeg helpers are imported in run()
     import numpy as np
 
-    from stages.framepipe import Sink
-    from stages.video import AudioSource
+    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.video import AudioSource
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def parse_position(text: str) -> tuple[float, float]:
 
 def _coerce(params: dict[str, Any]) -> dict[str, Any]:
     """Validate keyword parameters exactly as argv values are (run() is called directly too)."""
-    from models.contract import ContractError, parse_size
+    from cuepipe.models.contract import ContractError, parse_size
 
     out = coerce_all(NAME, PARAMS, params)
     out["position"] = parse_position(out["position"])
@@ -134,7 +134,7 @@ def _canvas(opts: dict[str, Any], layer: tuple[int, int]) -> tuple[int, int]:
         return opts["size"]
     if opts["size"] == "input" or opts["transparent"]:
         return layer
-    from stages.video import IMAGE_SUFFIXES, probe, read_image
+    from cuepipe.stages.video import IMAGE_SUFFIXES, probe, read_image
 
     spec = opts["background"].strip()
     if spec.startswith("#") or spec.lower() in NAMED_COLOURS:
@@ -150,7 +150,7 @@ def _canvas(opts: dict[str, Any], layer: tuple[int, int]) -> tuple[int, int]:
 
 
 def _audio(opts: dict[str, Any], input: Path, image_folder: bool, duration: float | None) -> AudioSource | None:
-    from stages.video import AudioSource, has_audio
+    from cuepipe.stages.video import AudioSource, has_audio
 
     choice = opts["audio"].strip()
     if choice.lower() == "none":
@@ -175,10 +175,10 @@ def _audio(opts: dict[str, Any], input: Path, image_folder: bool, duration: floa
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
     """Composite ``input`` into ``output_dir``; see the module docstring."""
 
-    from stages.compositing import BackgroundMode, composite, parse_background, place
-    from stages.framepipe import run_frames
-    from stages.rgba import RgbaReader
-    from stages.video import check_complete
+    from cuepipe.stages.compositing import BackgroundMode, composite, parse_background, place
+    from cuepipe.stages.framepipe import run_frames
+    from cuepipe.stages.rgba import RgbaReader
+    from cuepipe.stages.video import check_complete
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -236,9 +236,9 @@ def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, tran
     """Open one output's writer (registered on ``stack``) and say how to fill it."""
     import numpy as np
 
-    from stages.compositing import to_bgra
-    from stages.framepipe import Sink
-    from stages.video import Codec, VideoWriter
+    from cuepipe.stages.compositing import to_bgra
+    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.video import Codec, VideoWriter
 
     file, codec = OUTPUTS[name]
     channels = 4 if codec == "png" or transparent else 3

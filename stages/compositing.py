@@ -40,10 +40,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.errors import ErrorKind
-from stages.geometry import NAMED_COLOURS, Fit, Geometry, parse_color
-from stages.stage import StageError
-from stages.video import IMAGE_SUFFIXES, VideoReader, read_image
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.geometry import NAMED_COLOURS, Fit, Geometry, parse_color
+from cuepipe.stages.stage import StageError
+from cuepipe.stages.video import IMAGE_SUFFIXES, VideoReader, read_image
 
 
 class BackgroundMode(StrEnum):

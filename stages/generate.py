@@ -1,6 +1,6 @@
 """The ``generate`` stage: any image-to-image ONNX generator, frame by frame, on the person or the frame.
 
-    python -m stages.generate --input matte_rgba.mkv --output-dir out/ --report 127.0.0.1:7000 \\
+    python -m cuepipe.stages.generate --input matte_rgba.mkv --output-dir out/ --report 127.0.0.1:7000 \\
         --model models/weights/AnimeGANv2_Hayao.onnx --layout nhwc --channels rgb \\
         --input-range '[-1,1]' --size dynamic --multiple 32 --mode person --smoothing 0.3
 
@@ -39,8 +39,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.errors import ErrorKind
-from stages.stage import (
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     PROVIDER,
     Param,
@@ -55,9 +55,9 @@ from stages.stage import (
 )
 
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
-    from models.contract import GeneratorContract
-    from stages.framepipe import Sink
-    from stages.generator import Generator
+    from cuepipe.models.contract import GeneratorContract
+    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.generator import Generator
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def _coerce(params: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_contract(opts: dict[str, Any]) -> tuple[Path, GeneratorContract]:
     """The model file and its contract: the manifest's (if any) with the contract parameters applied."""
-    from models import ModelError, load_manifest, resolve
-    from models.contract import CONTRACT_KEYS, ContractError, GeneratorContract
+    from cuepipe.models import ModelError, load_manifest, resolve
+    from cuepipe.models.contract import CONTRACT_KEYS, ContractError, GeneratorContract
 
     try:
         path = resolve(opts["model"])
@@ -135,7 +135,7 @@ def resolve_contract(opts: dict[str, Any]) -> tuple[Path, GeneratorContract]:
 def _generator(path: Path, contract: GeneratorContract, opts: dict[str, Any],
                cache: dict[str, Any] | None) -> Generator:
     """A validated Generator; resident workers keep the last one in ``cache``."""
-    from stages.generator import Generator
+    from cuepipe.stages.generator import Generator
 
     key = f"{NAME}:{path.resolve()}:{path.stat().st_mtime_ns}:{contract}:{opts['provider']}:{opts['threads']}"
     if cache is not None and key in cache:
@@ -152,10 +152,10 @@ def _generator(path: Path, contract: GeneratorContract, opts: dict[str, Any],
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache: dict[str, Any] | None = None,
         **params: Any) -> StageResult:
     """Generate from ``input`` into ``output_dir``; see the module docstring."""
-    from stages.framepipe import run_frames
-    from stages.genframes import FramePass, frame_source
-    from stages.rgba import RgbaReader
-    from stages.video import check_complete
+    from cuepipe.stages.framepipe import run_frames
+    from cuepipe.stages.genframes import FramePass, frame_source
+    from cuepipe.stages.rgba import RgbaReader
+    from cuepipe.stages.video import check_complete
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -202,10 +202,10 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
     """Open the writer of one output (registered on ``stack``) and say how to fill it."""
     import numpy as np
 
-    from stages.compositing import composite, to_bgra
-    from stages.framepipe import Sink
-    from stages.genframes import Generated
-    from stages.video import AudioSource, Codec, VideoWriter, has_audio
+    from cuepipe.stages.compositing import composite, to_bgra
+    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.genframes import Generated
+    from cuepipe.stages.video import AudioSource, Codec, VideoWriter, has_audio
 
     file, codec, channels = OUTPUTS[name]
     audio = AudioSource(input) if codec != "png" and not image_folder and has_audio(input) else None

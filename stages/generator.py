@@ -4,7 +4,7 @@
     x, c = gen.pack(image_bgr, alpha)                       # the model's tensors (reader thread)
     [out_bgr] = gen.run([x], [c])                           # BGR uint8 at the model's output size
 
-The contract (``models.contract.GeneratorContract``) is checked against the model's real inputs
+The contract (``cuepipe.models.contract.GeneratorContract``) is checked against the model's real inputs
 and outputs when the ``Generator`` is created: names, ranks, dtypes, fixed channel / size / batch
 dims, then one test run on zeros of the planned shape. Any mismatch is ``StageError(MODEL_INVALID)``
 saying what was declared and what the model has, so a stage fails before its first frame.
@@ -25,9 +25,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.contract import GeneratorContract
-from stages.errors import ErrorKind
-from stages.stage import StageError
+from cuepipe.models.contract import GeneratorContract
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import StageError
 
 __all__ = ["Generator", "ModelIO", "TensorFormat", "check_contract"]
 
@@ -180,7 +180,7 @@ class Generator:
 
     def __init__(self, model_path: Path | str, contract: GeneratorContract, provider: str = "auto",
                  threads: int = 0, inter_threads: int = 0, spinning: bool = False, device_id: int = 0) -> None:
-        from stages.inference import open_session
+        from cuepipe.stages.inference import open_session
 
         self.model_path, self.contract = Path(model_path), contract
         self.session, self.provider = open_session(model_path, provider, threads, inter_threads, spinning, device_id)

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from stages.errors import ErrorKind
-from stages.stage import StageError
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import StageError
 
 if TYPE_CHECKING:
-    from stages.generator import Generator
+    from cuepipe.stages.generator import Generator
 
 __all__ = ["Box", "FramePass", "Generated", "Placement", "Prepared", "Smoother", "fit_aspect", "frame_source",
            "person_box", "plan"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from stages.stage import bad_argument
+from cuepipe.stages.stage import bad_argument
 
 if TYPE_CHECKING:  # numpy and OpenCV are imported in Geometry.apply(): importing this module stays cheap
     import numpy as np

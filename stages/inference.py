@@ -1,6 +1,6 @@
 """ONNX Runtime sessions for every model stage: one place for provider choice and session options.
 
-    from stages.inference import open_session
+    from cuepipe.stages.inference import open_session
     session, provider = open_session("model.onnx", provider="auto", threads=0)
 
 Rules, the same for every stage (``docs/stages.md``):
@@ -29,8 +29,8 @@ from typing import Any
 
 import onnxruntime as ort
 
-from stages.errors import ErrorKind
-from stages.stage import PROVIDERS, StageError
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import PROVIDERS, StageError
 
 __all__ = ["EXECUTION_PROVIDERS", "ORT_ERRORS", "PROVIDERS", "choose_provider", "device_of", "open_session",
            "session_options"]

@@ -1,6 +1,6 @@
 """The ``matting`` stage: Robust Video Matting (RVM) of people in a clip -> alpha, foreground, composites.
 
-    python -m stages.matting --input clip.mp4 --output-dir out/ --report 127.0.0.1:7000 \\
+    python -m cuepipe.stages.matting --input clip.mp4 --output-dir out/ --report 127.0.0.1:7000 \\
         --outputs alpha,composite --background '#00b140' --provider auto
 
 ``outputs`` (comma-separated, in this order in ``done``; the FIRST is the next stage's input):
@@ -15,7 +15,7 @@
 | ``hap_alpha`` | ``matte.mov`` | HAP Alpha (TouchDesigner decodes it on the GPU) |
 | ``prores4444`` | ``matte_prores.mov`` | ProRes 4444 with alpha |
 
-``background`` is ``#rrggbb``, an image or a video file (``stages.compositing.parse_background``).
+``background`` is ``#rrggbb``, an image or a video file (``cuepipe.stages.compositing.parse_background``).
 Every output has the input's frame count, frame rate and size. ``ratio`` is RVM's downsample
 ratio; by default it comes from RVM's published table for the frame size and ``subject``:
 ``portrait`` (default: head and shoulders, e.g. 0.375 at 720p, the fast choice) or ``full_body``
@@ -23,7 +23,7 @@ ratio; by default it comes from RVM's published table for the frame size and ``s
 ``provider``: ``auto`` uses CUDA when onnxruntime-gpu is installed, else the CPU; an explicit
 ``cuda`` / ``tensorrt`` that is not available fails with ``provider_unavailable`` instead of
 running on the CPU. ``scene_cut`` > 0
-resets the recurrent state at hard cuts (``stages.rvm.SceneCut``; try 0.08).
+resets the recurrent state at hard cuts (``cuepipe.stages.rvm.SceneCut``; try 0.08).
 
 Decoding, inference and encoding run concurrently (``matte_frames`` on ``stages/framepipe.py``);
 ``docs/performance.md`` has the measured speeds.
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.geometry import BACKGROUND_WORDS
-from stages.stage import (
+from cuepipe.stages.geometry import BACKGROUND_WORDS
+from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     PROVIDER,
     Param,
@@ -52,13 +52,13 @@ from stages.stage import (
     coerce_all,
     stage_main,
 )
-from stages.stage import parse_outputs as stage_parse_outputs
+from cuepipe.stages.stage import parse_outputs as stage_parse_outputs
 
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     import numpy as np
 
-    from stages.framepipe import Sink
-    from stages.rvm import RVM, InputBuffer
+    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.rvm import RVM, InputBuffer
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def parse_outputs(text: str) -> tuple[str, ...]:
 
 def resolve_model(name: str) -> tuple[Path, Any]:
     """The model file and its manifest spec (for a bare .onnx path: the RVM family's first spec)."""
-    from models import ModelError, load_manifest, resolve
+    from cuepipe.models import ModelError, load_manifest, resolve
 
     try:
         path = resolve(name)
@@ -128,7 +128,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
 
     ``cache`` (resident workers, ``docs/stages.md``): loaded sessions are kept in it between jobs.
     """
-    from stages.video import VideoReader, check_complete
+    from cuepipe.stages.video import VideoReader, check_complete
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -188,8 +188,8 @@ def matte_frames(frames: Iterable[np.ndarray], model: RVM, ratio: float, sinks: 
     ``foreground``: a sink needs it), buffer back to the pool. Returns the stats or re-raises the
     first error of any thread.
     """
-    from stages.framepipe import BufferPool, run_frames
-    from stages.rvm import InputBuffer, SceneCut, to_alpha, to_foreground
+    from cuepipe.stages.framepipe import BufferPool, run_frames
+    from cuepipe.stages.rvm import InputBuffer, SceneCut, to_alpha, to_foreground
 
     stats, detector, read = MattingStats(), SceneCut(scene_cut), 0
     # one being filled, queue_size waiting, one in inference
@@ -227,7 +227,7 @@ def _needs_foreground(output: str) -> bool:
 
 def _model(cache: dict[str, Any] | None, path: Path, provider: str, threads: int, io_binding: str) -> RVM:
     """A session for these settings: from ``cache`` when a resident worker has one, state reset."""
-    from stages.rvm import RVM
+    from cuepipe.stages.rvm import RVM
 
     key = f"rvm:{path.resolve()}:{path.stat().st_mtime_ns}:{provider}:{threads}:{io_binding}"
     model = cache.get(key) if cache is not None else None
@@ -245,9 +245,9 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
     """Open the writer of one output (registered on ``writers``) and say how to fill it."""
     import numpy as np
 
-    from stages.compositing import composite, parse_background, to_bgra
-    from stages.framepipe import Sink
-    from stages.video import AudioSource, Codec, VideoWriter, has_audio
+    from cuepipe.stages.compositing import composite, parse_background, to_bgra
+    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.video import AudioSource, Codec, VideoWriter, has_audio
 
     file, codec, channels = OUTPUTS[name]
     bg = writers.enter_context(parse_background(background, width, height)) if name == "composite" else None

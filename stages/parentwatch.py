@@ -30,7 +30,7 @@ from collections.abc import Callable, MutableMapping
 
 import psutil
 
-from stages.errors import EXIT_INTERRUPTED
+from cuepipe.stages.errors import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The ``preprocess`` stage: trim, re-time, rotate and resize a clip into one clean intermediate.
 
-    python -m stages.preprocess --input clip.mp4 --output-dir work/ --report 127.0.0.1:7000 \\
+    python -m cuepipe.stages.preprocess --input clip.mp4 --output-dir work/ --report 127.0.0.1:7000 \\
         --width 1280 --height 720 --fit pad --fps 30 --start-seconds 1 --end-seconds 3
 
 The input is a video file or a folder of numbered images (``--image-fps``, default 30). The output
@@ -11,7 +11,7 @@ Trim: source frame i is at time i / source_fps (a constant frame rate is assumed
 / ``end_frame`` select frames directly (end exclusive); ``start_seconds`` keeps frames at or after
 that time and ``end_seconds`` frames before it. Frame and seconds bounds for the same end clash.
 A range that reaches past the frames a truncated file still decodes, into those its container
-declares, fails with ``input_invalid`` unless ``allow_truncated`` (``stages.video.check_complete``).
+declares, fails with ``input_invalid`` unless ``allow_truncated`` (``cuepipe.stages.video.check_complete``).
 
 Frame rate (``fps``): for the M trimmed frames (M / source_fps seconds) the output has
 ``n = floor(M * fps / source_fps + 1/2)`` frames, and output frame k shows trimmed frame
@@ -28,7 +28,7 @@ for the output's duration (``n / fps``: the trimmed range's ``M / source_fps`` w
 frame, since resampling the frame rate keeps the duration), is muxed into the intermediate as
 16-bit PCM (AAC in ``.mp4``) in the same ffmpeg process, padded with silence if the source's audio
 is shorter. So it stays aligned and ends with the last frame, and later stages can carry it on as
-it is (``stages.video.AudioSource(preprocessed.mkv)``). When the source's frame count is unknown the
+it is (``cuepipe.stages.video.AudioSource(preprocessed.mkv)``). When the source's frame count is unknown the
 audio runs to its end. Image folders and silent clips have none.
 
 Codec: ``utvideo`` (default) is lossless RGB, so later stages see exactly these pixels (quality
@@ -49,9 +49,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.errors import ErrorKind
-from stages.geometry import Fit, Geometry, parse_color
-from stages.stage import (
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.geometry import Fit, Geometry, parse_color
+from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     MAX_FRAME_SIDE,
     Param,
@@ -127,7 +127,7 @@ def _trim(opts: dict[str, Any], src_fps: Fraction) -> tuple[int, int | None]:
 
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
     """Preprocess ``input`` into ``output_dir/preprocessed.<mkv|mp4>``; see the module docstring."""
-    from stages.video import AudioSource, Codec, VideoReader, VideoWriter, check_complete, fps_fraction
+    from cuepipe.stages.video import AudioSource, Codec, VideoReader, VideoWriter, check_complete, fps_fraction
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)

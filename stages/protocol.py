@@ -6,7 +6,7 @@ launcher to TouchDesigner), ``COMMANDS`` (TouchDesigner to ``cuepipe serve``) an
 daemon's answers and heartbeat). ``docs/protocol.md`` documents the same table and
 ``tests/test_protocol.py`` checks the two against each other and against fixed byte packets.
 
-Who uses it: stages and the orchestrator import it (``stages.codec`` encodes and decodes these specs
+Who uses it: stages and the orchestrator import it (``cuepipe.stages.codec`` encodes and decodes these specs
 with python-osc); ``td/protocol.py`` loads this very file by its path, so TouchDesigner's Python,
 which has neither python-osc nor the rest of cuepipe, speaks the same address space with its own
 stdlib codec (``td/osc.py``). Keep it that way: standard library only, no project imports.

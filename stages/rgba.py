@@ -4,7 +4,7 @@
         for frame in reader:          # HxWx4 BGRA; alpha 255 where the source has none
             ...
 
-``stages.video.VideoReader`` decodes through OpenCV, which returns BGR only. Here a file is decoded
+``cuepipe.stages.video.VideoReader`` decodes through OpenCV, which returns BGR only. Here a file is decoded
 by the ffmpeg that ``imageio-ffmpeg`` ships (``-f rawvideo -pix_fmt bgra -``), in its own process,
 so decoding also overlaps with the caller's work. Lossless sources (UT Video ``gbrap`` as written by
 ``VideoWriter(codec="utvideo", channels=4)``, PNG sequences, FFV1) come back bit-exact.
@@ -14,7 +14,7 @@ stage's process group, its exit code and stderr are checked, and ``close()`` alw
 reaps it, also when iteration stops early. ``-fps_mode passthrough`` keeps every decoded frame:
 ffmpeg neither drops nor repeats frames, so the count matches ``VideoReader``'s.
 
-Metadata: ``width``/``height``/``has_alpha`` come from ``stages.video.probe`` (ffmpeg);
+Metadata: ``width``/``height``/``has_alpha`` come from ``cuepipe.stages.video.probe`` (ffmpeg);
 ``fps`` and ``frame_count`` from OpenCV's container probe, as ``VideoReader`` reports them (exact
 NTSC rates such as 30000/1001; the count is an estimate, -1 when unknown). A rotation stored in the
 file (phone videos) is applied, as ``VideoReader`` does: the size is the displayed one.
@@ -35,10 +35,10 @@ from typing import IO, cast
 import cv2
 import numpy as np
 
-from stages.errors import ErrorKind
-from stages.stage import StageError
-from stages.video import VideoInputError, convert_image, decode_image, list_images, probe
-from stages.videowriter import NO_WINDOW, ffmpeg_exe
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import StageError
+from cuepipe.stages.video import VideoInputError, convert_image, decode_image, list_images, probe
+from cuepipe.stages.videowriter import NO_WINDOW, ffmpeg_exe
 
 __all__ = ["RgbaReader", "has_alpha_format", "to_bgra8"]
 

@@ -1,10 +1,10 @@
 """The Robust Video Matting (RVM) model adapter: session, recurrent state, pre- and post-processing.
 
-No argv and no Events: ``stages.matting`` drives it frame by frame; on a resident worker
+No argv and no Events: ``cuepipe.stages.matting`` drives it frame by frame; on a resident worker
 (``--serve``, docs/stages.md) it keeps one ``RVM`` per model and settings loaded across jobs in the
 worker's ``cache`` (``reset()`` between clips).
 
-- Providers (``stages.inference``, shared with ``generate``): ``auto`` is CUDA when onnxruntime
+- Providers (``cuepipe.stages.inference``, shared with ``generate``): ``auto`` is CUDA when onnxruntime
   offers it, else CPU; TensorRT only when asked for. A requested GPU provider that is missing - or
   that onnxruntime silently drops when creating the session (it falls back to CPU when CUDA
   libraries are missing) - raises ``StageError(PROVIDER_UNAVAILABLE)``: never a silent CPU run.
@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from stages.errors import ErrorKind
-from stages.inference import device_of, open_session
-from stages.stage import StageError
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.inference import device_of, open_session
+from cuepipe.stages.stage import StageError
 
 log = logging.getLogger(__name__)
 

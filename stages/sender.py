@@ -1,7 +1,7 @@
 """Sending Events over UDP: ``EventSender`` and the ``HOST:PORT`` report addresses it sends to.
 
 A Stage sends its Events to its ``--report`` addresses, the launcher relays Job Events to its own,
-both through ``EventSender``; the datagrams come from ``stages.codec``.
+both through ``EventSender``; the datagrams come from ``cuepipe.stages.codec``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from stages.codec import Event, encode
-from stages.protocol import EventSpec
+from cuepipe.stages.codec import Event, encode
+from cuepipe.stages.protocol import EventSpec
 
 log = logging.getLogger(__name__)
 

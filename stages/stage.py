@@ -25,11 +25,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
-from stages.codec import info_json
-from stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError, ErrorKind
-from stages.parentwatch import watch_parent
-from stages.protocol import STAGE_DONE, STAGE_FAILED, STAGE_PROGRESS, STAGE_STARTED, STAGE_WARNING, WarningKind
-from stages.sender import EventSender, parse_address
+from cuepipe.stages.codec import info_json
+from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError, ErrorKind
+from cuepipe.stages.parentwatch import watch_parent
+from cuepipe.stages.protocol import STAGE_DONE, STAGE_FAILED, STAGE_PROGRESS, STAGE_STARTED, STAGE_WARNING, WarningKind
+from cuepipe.stages.sender import EventSender, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-#: The execution providers an inference stage can be asked for (``stages.inference`` maps them to
+#: The execution providers an inference stage can be asked for (``cuepipe.stages.inference`` maps them to
 #: onnxruntime's names), and the ``provider`` parameter every inference stage declares.
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 PROVIDER = Param(str, "auto", "execution provider: auto, cpu, cuda or tensorrt", choices=PROVIDERS)
@@ -207,7 +207,7 @@ RunFunction = Callable[..., StageResult]
 
 def build_parser(name: str, params: Mapping[str, Param], doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=f"python -m stages.{name}", description=(doc or "").split("\n\n")[0]
+        prog=f"python -m cuepipe.stages.{name}", description=(doc or "").split("\n\n")[0]
     )
     parser.add_argument("--input", type=Path, help="input video file or image folder (required)")
     parser.add_argument("--output-dir", type=Path, help="folder for the outputs (required)")
@@ -355,7 +355,7 @@ def serve(name: str, params: Mapping[str, Param], run: RunFunction, stdin: IO[st
           channel: IO[str] | None = None) -> int:
     """The stage as a resident Worker: one process, many jobs, the model kept loaded between them.
 
-        python -m stages.<name> --serve
+        python -m cuepipe.stages.<name> --serve
 
     stdin: one JSON request per line —
     ``{"job": "ID", "input": "PATH", "output_dir": "PATH", "report": ["127.0.0.1:PORT"], "params": {...}}``.

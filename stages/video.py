@@ -2,7 +2,7 @@
 
 ``VideoReader`` yields BGR uint8 HxWx3 frames from anything OpenCV can decode, or from a folder of
 numbered images. ``probe`` / ``has_audio`` ask the ffmpeg shipped by ``imageio-ffmpeg`` what a file
-holds. Writing (``VideoWriter``, ``Codec``, ``AudioSource``) lives in ``stages.videowriter`` and is
+holds. Writing (``VideoWriter``, ``Codec``, ``AudioSource``) lives in ``cuepipe.stages.videowriter`` and is
 re-exported here; its docstring lists the codec presets and what each costs.
 """
 
@@ -21,10 +21,10 @@ from typing import IO, cast
 import cv2
 import numpy as np
 
-from stages.errors import ErrorKind
-from stages.protocol import WarningKind
-from stages.stage import StageError, StageEvents
-from stages.videowriter import (
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.protocol import WarningKind
+from cuepipe.stages.stage import StageError, StageEvents
+from cuepipe.stages.videowriter import (
     NO_WINDOW,
     AudioSource,
     Codec,

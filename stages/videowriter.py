@@ -5,7 +5,7 @@ the result with an atomic rename, so a reader of the final path never sees a hal
 (``docs/glossary.md``: final output). ffmpeg is started directly, not via
 ``imageio_ffmpeg.write_frames``, so that its exit code is checked, its stderr is captured for the
 error message, it stays in the stage's process group (the launcher's tree kill reaches it) and it is
-always reaped. ``stages.video`` re-exports everything here.
+always reaped. ``cuepipe.stages.video`` re-exports everything here.
 
 Codec presets (``Codec``); accepted input channels in brackets (1 gray, 3 BGR, 4 BGRA):
 
@@ -30,7 +30,7 @@ BGR into an alpha codec gets an opaque alpha channel (ffmpeg's pixel-format conv
 Every encoder runs with ``ENCODER_THREADS`` threads (1 on 2 cores).
 
 Encode cost per 1280x720 frame: ffmpeg's own CPU (user+sys, its own process, so it competes with
-inference on 2 cores) and output size; 60 frames of ``orchestrator.democlip``'s figure, 1 thread,
+inference on 2 cores) and output size; 60 frames of ``cuepipe.orchestrator.democlip``'s figure, 1 thread,
 this 2-core machine (medians of noisy runs; one-off measurements while developing, not a ``bench/``
 script):
 
@@ -81,8 +81,8 @@ from typing import IO
 
 import numpy as np
 
-from stages.errors import ErrorKind
-from stages.stage import StageError
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import StageError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The successor of the copied ``td_utils.py``. Two ways to run a job, both returning at once:
 
-- ``start_job`` starts ``cuepipe run`` (``python -m orchestrator.cli``) with the venv's interpreter
+- ``start_job`` starts ``cuepipe run`` (``python -m cuepipe.orchestrator.cli``) with the venv's interpreter
   — never TD's own ``sys.executable`` — and ``--report 127.0.0.1:<OSC In port> --job-id <id>``, so
   TD knows the job id before the first Event. The handle is polled from a frame callback.
 - ``DaemonClient`` sends Commands (``/cuepipe/v1/cmd/run`` ...) to ``cuepipe serve``; the replies
@@ -87,8 +87,8 @@ class LaunchOptions:
 
 def build_command(options: LaunchOptions, pipeline: str, input: str, job_id: str,
                   sets: Sequence[str] = ()) -> list[str]:
-    """The argv of ``cuepipe run`` (as ``python -m orchestrator.cli``, so only the venv is needed)."""
-    cmd = [os.fspath(options.python), "-m", "orchestrator.cli"]
+    """The argv of ``cuepipe run`` (as ``python -m cuepipe.orchestrator.cli``, so only the venv is needed)."""
+    cmd = [os.fspath(options.python), "-m", "cuepipe.orchestrator.cli"]
     if options.pipelines:
         cmd += ["--pipelines", os.fspath(options.pipelines)]
     cmd += ["run", pipeline, input, "--report", f"{options.report_host}:{options.report_port}",
@@ -230,7 +230,7 @@ class PipelinesQuery:
 
     def __init__(self, python: str | os.PathLike[str], pipelines: str | os.PathLike[str] | None = None,
                  cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> None:
-        self.command = [os.fspath(python), "-m", "orchestrator.cli"]
+        self.command = [os.fspath(python), "-m", "cuepipe.orchestrator.cli"]
         if pipelines:
             self.command += ["--pipelines", os.fspath(pipelines)]
         self.command += ["pipelines", "--json"]

@@ -10,17 +10,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import models
-from models import ModelInvalidError, ModelMissingError, builtin
-from models import fetch as fetch_mod
-from models.cli import models_command
-from models.contract import GeneratorContract
-from models.fetch import fetch, sha256_file, verify
-from orchestrator.democlip import render_frames
-from stages import generate
-from stages.errors import ErrorKind
-from stages.generator import Generator, check_contract
-from stages.stage import StageError
+from cuepipe import models
+from cuepipe.models import ModelInvalidError, ModelMissingError, builtin
+from cuepipe.models import fetch as fetch_mod
+from cuepipe.models.cli import models_command
+from cuepipe.models.contract import GeneratorContract
+from cuepipe.models.fetch import fetch, sha256_file, verify
+from cuepipe.orchestrator.democlip import render_frames
+from cuepipe.stages import generate
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.generator import Generator, check_contract
+from cuepipe.stages.stage import StageError
 from tests.support.rgba import person_frames, read_all, write_rgba
 
 NAME = "cuepipe_toon"

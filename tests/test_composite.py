@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from orchestrator.democlip import render_frames, write_clip
-from stages import composite, matting
-from stages.compositing import composite as reference_composite
-from stages.compositing import place
-from stages.errors import ErrorKind
-from stages.rgba import RgbaReader, has_alpha_format
-from stages.stage import StageError
-from stages.video import Codec, VideoReader, VideoWriter, ffmpeg_exe, has_audio, probe
+from cuepipe.orchestrator.democlip import render_frames, write_clip
+from cuepipe.stages import composite, matting
+from cuepipe.stages.compositing import composite as reference_composite
+from cuepipe.stages.compositing import place
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.rgba import RgbaReader, has_alpha_format
+from cuepipe.stages.stage import StageError
+from cuepipe.stages.video import Codec, VideoReader, VideoWriter, ffmpeg_exe, has_audio, probe
 from tests.support import genmodels
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
@@ -234,7 +234,7 @@ def test_stylize_chain_transforms_only_the_person(tmp_path: Path, fake_td: FakeT
         source = with_audio(write_rgba(tmp_path / "silent.mkv", rgba), tmp_path / "clip.mkv", 8 / 24)
     env = dict(subprocess_env(), CUEPIPE_STAGES=os.environ["CUEPIPE_STAGES"]
                + ",generate=stages.generate,composite=stages.composite")
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(tmp_path / "pipelines.toml"), "run",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(tmp_path / "pipelines.toml"), "run",
            pipeline, str(source), "--report", fake_td.address, "--json"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""stages.compositing: exact compositing, BGRA packing, backgrounds (colour, image, video loop / hold),
+"""cuepipe.stages.compositing: exact compositing, BGRA packing, backgrounds (colour, image, video loop / hold),
 bad background specs, and placing a scaled layer on a canvas."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.compositing import (
+from cuepipe.stages.compositing import (
     BackgroundMode,
     StillBackground,
     VideoBackground,
@@ -18,8 +18,8 @@ from stages.compositing import (
     place,
     to_bgra,
 )
-from stages.errors import ErrorKind
-from stages.stage import StageError
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import StageError
 from tests.support.video import noise_frames, write_clip
 
 

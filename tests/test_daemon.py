@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.daemon import Daemon, DaemonConfig
-from orchestrator.job import JobState
-from orchestrator.pipeline import parse
-from stages.codec import EventError, decode
-from stages.protocol import COMMANDS
+from cuepipe.orchestrator.daemon import Daemon, DaemonConfig
+from cuepipe.orchestrator.job import JobState
+from cuepipe.orchestrator.pipeline import parse
+from cuepipe.stages.codec import EventError, decode
+from cuepipe.stages.protocol import COMMANDS
 from tests.support.daemon_peer import PIPELINES, Client, Server
 from tests.support.env import subprocess_env
 from tests.support.fakes import FakeClock, FakeRunner, settle
@@ -271,7 +271,8 @@ def test_peer_outside_allow_list_is_refused(root: Path) -> None:
 
 
 def test_non_loopback_bind_needs_allow_list(root: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--pipelines", str(root / "pipelines.toml"),
+    proc = subprocess.run([sys.executable, "-m", "cuepipe.orchestrator.cli",
+                           "--pipelines", str(root / "pipelines.toml"),
                            "serve", "--host", "0.0.0.0", "--port", "0"], env=subprocess_env(),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "--allow" in proc.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cv2
 
-from orchestrator.democlip import write_clip
+from cuepipe.orchestrator.democlip import write_clip
 from tests.support.env import ROOT, subprocess_env
 from tests.support.fake_td import FakeTD
 
@@ -16,7 +16,7 @@ from tests.support.fake_td import FakeTD
 def test_run_prep_on_a_real_video(tmp_path: Path, fake_td: FakeTD) -> None:
     clip = tmp_path / "walk.mp4"
     write_clip(clip, None, width=320, height=180, frames=24, fps=24.0)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(ROOT / "pipelines.toml"), "run", "prep",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(ROOT / "pipelines.toml"), "run", "prep",
            str(clip), "--set", "preprocess.width=256", "--set", "preprocess.height=256", "--set",
            "preprocess.fps=12", "--out", str(tmp_path / "renders"), "--report", fake_td.address]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=subprocess_env())
@@ -43,7 +43,7 @@ def test_run_prep_on_a_real_video(tmp_path: Path, fake_td: FakeTD) -> None:
 def test_demo_runs_the_embedded_default(tmp_path: Path, fake_td: FakeTD) -> None:
     out = tmp_path / "demo"
     # a relative --out, as in the README: stages run in their own folders, so paths must be resolved
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", "--out", "demo", "--report",
+    proc = subprocess.run([sys.executable, "-m", "cuepipe.orchestrator.cli", "demo", "--out", "demo", "--report",
                            fake_td.address], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=subprocess_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -67,8 +67,8 @@ def test_shipped_stylize_pipeline(tmp_path: Path, fake_td: FakeTD) -> None:
 
     clip = tmp_path / "take.mp4"
     write_clip(clip, tmp_path / "mask.mkv", width=320, height=192, frames=12, fps=24.0, seed=2)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(ROOT / "pipelines.toml"), "run", "stylize",
-           str(clip), "--out", str(tmp_path / "out"), "--report", fake_td.address]
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(ROOT / "pipelines.toml"), "run",
+           "stylize", str(clip), "--out", str(tmp_path / "out"), "--report", fake_td.address]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     outputs = [Path(p) for p in fake_td.wait_for("job/done")["outputs"]]

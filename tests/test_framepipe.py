@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stages.framepipe import BufferPool, Sink, run_frames
+from cuepipe.stages.framepipe import BufferPool, Sink, run_frames
 
 PROMPT_S = 3.0  # well under the pipeline's 10 s join timeout: a stop that needed it is not prompt
 

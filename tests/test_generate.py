@@ -14,14 +14,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import models
-from models.contract import ContractError, GeneratorContract, parse_range
-from orchestrator.democlip import render_frames
-from stages import generate, inference
-from stages.errors import ErrorKind
-from stages.generator import Generator
-from stages.genframes import Box, fit_aspect, person_box, plan
-from stages.stage import StageError
+from cuepipe import models
+from cuepipe.models.contract import ContractError, GeneratorContract, parse_range
+from cuepipe.orchestrator.democlip import render_frames
+from cuepipe.stages import generate, inference
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.generator import Generator
+from cuepipe.stages.genframes import Box, fit_aspect, person_box, plan
+from cuepipe.stages.stage import StageError
 from tests.support import genmodels
 from tests.support.env import ROOT, subprocess_env
 from tests.support.fake_td import FakeTD
@@ -248,7 +248,7 @@ def test_contract_values_are_validated() -> None:
 def test_cli_contract_mismatch_fails_before_the_first_frame(tmp_path: Path, fake_td: FakeTD) -> None:
     src = write_rgba(tmp_path / "in.mkv", person_frames(2))
     model = genmodels.invert(tmp_path / "nhwc64.onnx", "nhwc", size=(64, 64), batch=1)
-    cmd = [sys.executable, "-m", "stages.generate", "--input", str(src), "--output-dir", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "cuepipe.stages.generate", "--input", str(src), "--output-dir", str(tmp_path / "out"),
            "--report", fake_td.address, "--model", str(model), "--input-range", "[-1,1]"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
@@ -261,7 +261,7 @@ def test_cli_contract_mismatch_fails_before_the_first_frame(tmp_path: Path, fake
 def test_cli_reports_the_provider_and_contract(tmp_path: Path, fake_td: FakeTD) -> None:
     src = write_rgba(tmp_path / "in.mkv", person_frames(3))
     model = genmodels.conv(tmp_path / "conv.onnx")
-    cmd = [sys.executable, "-m", "stages.generate", "--input", str(src), "--output-dir", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "cuepipe.stages.generate", "--input", str(src), "--output-dir", str(tmp_path / "out"),
            "--report", fake_td.address, "--model", str(model), "--provider", "cpu", "--size", "64x64"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

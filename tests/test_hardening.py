@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main as cli_main
-from orchestrator.daemon import Daemon, DaemonConfig
-from orchestrator.journal import JobRecord, Journal, JournalError
-from orchestrator.pipeline import ConfigError, apply_overrides, named_file, parse
-from orchestrator.scheduler import JobRefused, Refusal, Scheduler
-from stages import load
-from stages.codec import Event, decode, encode
-from stages.protocol import CMD_PING, CMD_RUN, JOB_EVENTS, REPLIES
-from stages.stage import StageError
+from cuepipe.orchestrator.cli import main as cli_main
+from cuepipe.orchestrator.daemon import Daemon, DaemonConfig
+from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
+from cuepipe.orchestrator.pipeline import ConfigError, apply_overrides, named_file, parse
+from cuepipe.orchestrator.scheduler import JobRefused, Refusal, Scheduler
+from cuepipe.stages import load
+from cuepipe.stages.codec import Event, decode, encode
+from cuepipe.stages.protocol import CMD_PING, CMD_RUN, JOB_EVENTS, REPLIES
+from cuepipe.stages.stage import StageError
 from tests.support.daemon_peer import PIPELINES, Client, Server
 from tests.support.env import subprocess_env
 
@@ -226,7 +226,8 @@ def test_daemon_refuses_the_reported_background_bypass(daemon: Daemon, peer: soc
 
 
 def _serve(root: Path, state: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--pipelines", str(root / "pipelines.toml"),
+    return subprocess.run([sys.executable, "-m", "cuepipe.orchestrator.cli",
+                           "--pipelines", str(root / "pipelines.toml"),
                            "serve", "--port", "0", "--root", str(root), "--state", str(state)],
                           env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 

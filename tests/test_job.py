@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.job import Job, publish
+from cuepipe.orchestrator.job import Job, publish
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
 
@@ -73,7 +73,7 @@ def workspace(tmp_path: Path) -> Path:
 
 
 def cuepipe(workspace: Path, td: FakeTD, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
            *args, "--report", td.address, "--json"]
     return subprocess.run(cmd, cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
@@ -179,7 +179,7 @@ def test_hung_stage_tree_is_killed(workspace: Path, fake_td: FakeTD, pipeline: s
 
 
 def test_cancel_with_signal(workspace: Path, fake_td: FakeTD) -> None:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
            "slow", "clip.txt", "--report", fake_td.address, "--set", f"0.pidfile={workspace / 'pids.txt'}"]
     kwargs: dict[str, object] = {}
     if sys.platform == "win32":
@@ -216,7 +216,7 @@ def test_caller_chosen_job_id(workspace: Path, fake_td: FakeTD) -> None:
 
 def test_cancel_by_closing_stdin(workspace: Path, fake_td: FakeTD) -> None:
     """The Windows-safe cancel TouchDesigner uses: close the pipe (a dying parent does the same)."""
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
            "slow", "clip.txt", "--report", fake_td.address, "--cancel-on-eof", "--set",
            f"0.pidfile={workspace / 'pids.txt'}"]
     launcher = subprocess.Popen(cmd, cwd=workspace, env=subprocess_env(), stdin=subprocess.PIPE,
@@ -285,8 +285,8 @@ def test_publish_never_leaves_partial_file(tmp_path: Path, monkeypatch: pytest.M
         Path(b).write_bytes(b"x" * 10)  # half copied, then the disk fills up
         raise OSError(errno.ENOSPC, "disk full")
 
-    monkeypatch.setattr("orchestrator.job.os.rename", cross_device)
-    monkeypatch.setattr("orchestrator.job.shutil.copy2", broken_copy)
+    monkeypatch.setattr("cuepipe.orchestrator.job.os.rename", cross_device)
+    monkeypatch.setattr("cuepipe.orchestrator.job.shutil.copy2", broken_copy)
     with pytest.raises(OSError):
         publish(src, dst)
     assert not dst.exists()
@@ -298,8 +298,8 @@ def test_publish_never_leaves_partial_file(tmp_path: Path, monkeypatch: pytest.M
 
 def test_values_that_look_like_options_reach_the_stage(workspace: Path) -> None:
     """Ranges such as "[-1,1]" (generator contracts) start with a dash once the bracket is dropped."""
-    from orchestrator.pipeline import load_file
-    from stages.stage import build_parser
+    from cuepipe.orchestrator.pipeline import load_file
+    from cuepipe.stages.stage import build_parser
     from tests.support import misbehaving
 
     pipeline = load_file(workspace / "pipelines.toml").pipelines["two"]

@@ -13,14 +13,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models import resolve
-from orchestrator.democlip import render_frames, write_clip
-from stages import inference, matting, rvm
-from stages.errors import ErrorKind
-from stages.framepipe import Sink
-from stages.matting import Matte, matte_frames
-from stages.stage import StageError, StageEvents
-from stages.video import VideoReader, ffmpeg_exe, has_audio, probe
+from cuepipe.models import resolve
+from cuepipe.orchestrator.democlip import render_frames, write_clip
+from cuepipe.stages import inference, matting, rvm
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.framepipe import Sink
+from cuepipe.stages.matting import Matte, matte_frames
+from cuepipe.stages.stage import StageError, StageEvents
+from cuepipe.stages.video import VideoReader, ffmpeg_exe, has_audio, probe
 from tests.support.env import ROOT, subprocess_env
 from tests.support.fake_td import FakeTD
 
@@ -146,7 +146,7 @@ def test_alpha_matches_the_ground_truth_and_background_stays_clear(tmp_path: Pat
 
 
 def stage_cli(tmp_path: Path, td: FakeTD, input: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "stages.matting", "--input", str(input), "--output-dir", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "cuepipe.stages.matting", "--input", str(input), "--output-dir", str(tmp_path / "out"),
            "--report", td.address, *args]
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
@@ -295,7 +295,7 @@ def test_interrupt_stops_every_thread(model_path: Path) -> None:
 def test_sigterm_stops_the_stage_cleanly(tmp_path: Path, fake_td: FakeTD) -> None:
     clip = tmp_path / "in.mp4"
     write_clip(clip, None, W, H, frames=96)
-    cmd = [sys.executable, "-m", "stages.matting", "--input", str(clip), "--output-dir", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "cuepipe.stages.matting", "--input", str(clip), "--output-dir", str(tmp_path / "out"),
            "--report", fake_td.address, "--outputs", "alpha,composite", "--ratio", "1.0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     try:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-import models
-from models import ManifestError, ModelInvalidError, ModelMissingError, ModelSpec, TensorSpec
-from models import fetch as fetch_mod
-from models.cli import models_command
-from models.fetch import fetch, sha256_file, verify
+from cuepipe import models
+from cuepipe.models import ManifestError, ModelInvalidError, ModelMissingError, ModelSpec, TensorSpec
+from cuepipe.models import fetch as fetch_mod
+from cuepipe.models.cli import models_command
+from cuepipe.models.fetch import fetch, sha256_file, verify
 
 NAME = "rvm_mobilenetv3_fp32"
 SHA = "88d4531297118f595bf2fd60f6f566aec2e559393802d1f436c380f0cbbd2828"

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.worker import ProcessRegistry, Worker, reap_leftovers
-from stages.parentwatch import PARENT_ENV, parent_token
+from cuepipe.orchestrator.worker import ProcessRegistry, Worker, reap_leftovers
+from cuepipe.stages.parentwatch import PARENT_ENV, parent_token
 from tests.support.daemon_peer import PIPELINES
 from tests.support.env import subprocess_env
 
@@ -73,7 +73,7 @@ def test_stage_tree_dies_with_a_killed_cuepipe_run(workspace: Path, pipeline: st
     """``slow`` stops politely (its log says so, no hard kill); ``stubborn`` ignores that and its
     grandchild ignores SIGTERM, so only the hard kill after the grace period ends them."""
     pidfile = workspace / "pids.txt"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
            pipeline, "clip.txt", "--job-id", "orphan", "--json", "--set", f"0.pidfile={pidfile}"]
     launcher = subprocess.Popen(cmd, cwd=workspace, env=subprocess_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)

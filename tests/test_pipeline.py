@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pipeline import ConfigError, apply_overrides, describe, load_file, missing_resources, parse
+from cuepipe.orchestrator.pipeline import ConfigError, apply_overrides, describe, load_file, missing_resources, parse
 from tests.support.env import ROOT, subprocess_env
 
 GOOD = """
@@ -103,7 +103,7 @@ def test_missing_model_is_reported(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cuepipe.orchestrator.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=60, env=subprocess_env())
 
 

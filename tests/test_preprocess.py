@@ -13,11 +13,11 @@ import cv2
 import numpy as np
 import pytest
 
-from stages import preprocess
-from stages.errors import ErrorKind
-from stages.protocol import EventSpec
-from stages.stage import StageError, StageEvents
-from stages.video import Codec, VideoWriter, has_audio, probe
+from cuepipe.stages import preprocess
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.protocol import EventSpec
+from cuepipe.stages.stage import StageError, StageEvents
+from cuepipe.stages.video import Codec, VideoWriter, has_audio, probe
 from tests.support.video import (
     audio_samples,
     av_clip,
@@ -290,7 +290,7 @@ def test_events_expected_frames_and_final_progress(clip: Path, tmp_path: Path) -
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stages.preprocess", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "cuepipe.stages.preprocess", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

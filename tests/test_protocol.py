@@ -11,10 +11,10 @@ import struct
 
 import pytest
 
-from orchestrator.scheduler import Refusal
-from stages.codec import EventError, decode, encode
-from stages.errors import ErrorKind
-from stages.protocol import (
+from cuepipe.orchestrator.scheduler import Refusal
+from cuepipe.stages.codec import EventError, decode, encode
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.protocol import (
     CMD_RUN,
     COMMANDS,
     JOB_EVENTS,

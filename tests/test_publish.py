@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.job import PublishError, publish_all
-from orchestrator.pipeline import load_file
-from orchestrator.runner import run_job
-from stages.codec import Event
-from stages.errors import EXIT_FAILED
+from cuepipe.orchestrator.job import PublishError, publish_all
+from cuepipe.orchestrator.pipeline import load_file
+from cuepipe.orchestrator.runner import run_job
+from cuepipe.stages.codec import Event
+from cuepipe.stages.errors import EXIT_FAILED
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
 
@@ -212,7 +212,7 @@ def test_job_fails_once_when_the_launcher_breaks(workspace: Path, monkeypatch: p
     def no_socket(*args: object) -> None:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-    monkeypatch.setattr("orchestrator.job.EventSocket", no_socket)
+    monkeypatch.setattr("cuepipe.orchestrator.job.EventSocket", no_socket)
     code, events = _run(workspace, workspace / "out")
     assert code == EXIT_FAILED
     assert events[0].spec.name == "job/started"
@@ -247,7 +247,7 @@ def test_issue9_full_out_folder_on_another_file_system(workspace: Path, small_tm
     big.mkdir()
     (small_tmpfs / ".cuepipe-work").symlink_to(big)
     (small_tmpfs / "clip_out1.bin").write_bytes(b"older run")
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(workspace / "pipelines.toml"), "run",
            "three", "clip.txt", "--out", str(small_tmpfs), "--json", "--report", fake_td.address]
     proc = subprocess.run(cmd, cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == EXIT_FAILED, proc.stderr

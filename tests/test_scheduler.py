@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.job import JobResult, JobState
-from orchestrator.journal import JobRecord, Journal
-from orchestrator.pipeline import ConfigError, parse, under_roots
-from orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
+from cuepipe.orchestrator.job import JobResult, JobState
+from cuepipe.orchestrator.journal import JobRecord, Journal
+from cuepipe.orchestrator.pipeline import ConfigError, parse, under_roots
+from cuepipe.orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
 from tests.support.fakes import FakeClock, FakeRunner, settle
 
 TOML = """

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.supervisor import Backoff, Supervisor
+from cuepipe.orchestrator.supervisor import Backoff, Supervisor
 from tests.support.daemon_peer import PIPELINES, Client
 from tests.support.env import subprocess_env
 
@@ -39,7 +39,8 @@ def test_backoff_doubles_resets_after_a_stable_run_and_flapping_cools_down() -> 
 def test_daemon_is_revived_after_sigkill(tmp_path: Path) -> None:
     (tmp_path / "pipelines.toml").write_text(PIPELINES)
     log = tmp_path / "serve.log"
-    sup = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--pipelines", str(tmp_path / "pipelines.toml"),
+    sup = subprocess.Popen([sys.executable, "-m", "cuepipe.orchestrator.cli",
+                            "--pipelines", str(tmp_path / "pipelines.toml"),
                             "supervise", "--log", str(log), "--", "--port", "0", "--root", str(tmp_path),
                             "--state", str(tmp_path / "state")], env=subprocess_env(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)

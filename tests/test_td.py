@@ -16,9 +16,9 @@ from typing import Any
 import psutil
 import pytest
 
-from td import callbacks
-from td.extension import CuepipeExt
-from td.launcher import LaunchError, LaunchOptions, start_job
+from cuepipe.td import callbacks
+from cuepipe.td.extension import CuepipeExt
+from cuepipe.td.launcher import LaunchError, LaunchOptions, start_job
 from tests.support.env import subprocess_env
 from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakeTableDAT, FakeTOP, TDPort, running_in
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from td import callbacks
-from td.parameters import PARAMETERS, setup_parameters
+from cuepipe.td import callbacks
+from cuepipe.td.parameters import PARAMETERS, setup_parameters
 from tests.support.env import ROOT
 from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakePar, FakeTableDAT
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from td import callbacks, osc, protocol
-from td.extension import CuepipeExt
-from td.jobs import COLUMNS, JobRow, JobTable, write_table
+from cuepipe.td import callbacks, osc, protocol
+from cuepipe.td.extension import CuepipeExt
+from cuepipe.td.jobs import COLUMNS, JobRow, JobTable, write_table
 from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakePar, FakeTableDAT, running_in
 
 

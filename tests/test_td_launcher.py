@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from td.launcher import (
+from cuepipe.td.launcher import (
     REPO_ROOT,
     DaemonClient,
     LaunchError,
@@ -43,7 +43,8 @@ def test_command_is_an_argv_list() -> None:
     options = LaunchOptions(python="/v/python", report_port=7000, pipelines="/p.toml", out="/renders",
                             reports=("10.0.0.2:7000",))
     cmd = build_command(options, "matte", "/in/take 1.mov", "J1", ["matting.ratio=0.5"])
-    assert cmd == ["/v/python", "-m", "orchestrator.cli", "--pipelines", "/p.toml", "run", "matte", "/in/take 1.mov",
+    assert cmd == ["/v/python", "-m", "cuepipe.orchestrator.cli", "--pipelines", "/p.toml", "run", "matte",
+                   "/in/take 1.mov",
                    "--report", "127.0.0.1:7000", "--job-id", "J1", "--json", "--cancel-on-eof",
                    "--report", "10.0.0.2:7000",
                    "--set", "matting.ratio=0.5", "--out", "/renders"]

@@ -1,7 +1,7 @@
 """The daemon path of the TD side, against a fake ``cuepipe serve`` that speaks docs/protocol.md.
 
 The fake daemon is a UDP socket: what TD sends is decoded with the orchestrator's own codec
-(``stages.codec.decode(data, COMMANDS)``), and its answers are encoded with it too, so the TD
+(``cuepipe.stages.codec.decode(data, COMMANDS)``), and its answers are encoded with it too, so the TD
 side's separate stdlib codec is checked against the real one in both directions.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from stages.codec import Event, decode, encode
-from stages.protocol import (
+from cuepipe.stages.codec import Event, decode, encode
+from cuepipe.stages.protocol import (
     COMMANDS,
     HEARTBEAT,
     JOB_DONE,
@@ -30,7 +30,7 @@ from stages.protocol import (
     REPLY_STATUS,
     EventSpec,
 )
-from td.extension import CuepipeExt
+from cuepipe.td.extension import CuepipeExt
 from tests.support.env import subprocess_env
 from tests.support.td_fakes import FakeComp, TDPort, frame
 
@@ -210,7 +210,7 @@ def test_against_a_real_cuepipe_serve(port: TDPort, tmp_path: Path) -> None:
     """The same COMP against the real daemon: menu, run to done, cancel, refusal, offline."""
     (tmp_path / "pipelines.toml").write_text(REAL_PIPELINES)
     (tmp_path / "clip.txt").write_text("pretend video")
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(tmp_path / "pipelines.toml"), "serve",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(tmp_path / "pipelines.toml"), "serve",
            "--port", "0", "--root", str(tmp_path), "--state", str(tmp_path / "state")]
     serve = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -13,9 +13,9 @@ import pytest
 from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-import stages.protocol as shared
-from stages import codec
-from td import osc, protocol
+import cuepipe.stages.protocol as shared
+from cuepipe.stages import codec
+from cuepipe.td import osc, protocol
 
 PROGRESS = {"job": "20261122-031500-a1b2", "index": 1, "stage": "matting", "fraction": 0.25, "frame": 12,
             "total": 48, "fps": 9.5, "overall": 0.625}

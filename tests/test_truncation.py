@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 import pytest
 
-from stages import composite, generate, matting, preprocess
-from stages.errors import ErrorKind
-from stages.protocol import WarningKind
-from stages.stage import StageEvents
-from stages.video import (
+from cuepipe.stages import composite, generate, matting, preprocess
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.protocol import WarningKind
+from cuepipe.stages.stage import StageEvents
+from cuepipe.stages.video import (
     AudioSource,
     Codec,
     InputTruncated,
@@ -135,7 +135,7 @@ def test_matting_refuses_a_truncated_file(clips: Clips, tmp_path: Path) -> None:
 
 
 def test_generate_and_composite_refuse_a_truncated_file(clips: Clips, tmp_path: Path) -> None:
-    """Both read through ``stages.rgba.RgbaReader`` (ffmpeg), not OpenCV."""
+    """Both read through ``cuepipe.stages.rgba.RgbaReader`` (ffmpeg), not OpenCV."""
     model = genmodels.identity(tmp_path / "id.onnx")
     for name, run in (("generate", lambda out, **p: generate.run(clips.cut, out, model=str(model),
                                                                   mode="frame", **p)),
@@ -213,7 +213,7 @@ stage = "preprocess"
 
 def cuepipe(tmp_path: Path, td: FakeTD, source: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "pipelines.toml").write_text(PIPELINES)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(tmp_path / "pipelines.toml"), "run",
+    cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(tmp_path / "pipelines.toml"), "run",
            "prep", str(source), "--report", td.address, "--out", str(tmp_path / "out"), *args]
     return subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
@@ -248,7 +248,7 @@ def test_cuepipe_run_with_allow_truncated_reports_the_shortfall(clips: Clips, tm
 
 def test_the_stage_program_exits_1_with_input_invalid(clips: Clips, tmp_path: Path,
                                                       fake_td: FakeTD) -> None:
-    cmd = [sys.executable, "-m", "stages.preprocess", "--input", str(clips.cut), "--output-dir",
+    cmd = [sys.executable, "-m", "cuepipe.stages.preprocess", "--input", str(clips.cut), "--output-dir",
            str(tmp_path / "out"), "--report", fake_td.address]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr

@@ -14,10 +14,10 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from stages import video, videowriter
-from stages.errors import ErrorKind
-from stages.stage import StageError
-from stages.video import (
+from cuepipe.stages import video, videowriter
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import StageError
+from cuepipe.stages.video import (
     AudioSource,
     Codec,
     VideoOutputError,
@@ -411,7 +411,7 @@ def test_probe_errors_and_folders(tmp_path: Path) -> None:
 
 def test_bgr_and_rgba_readers_agree_on_an_image_folder(tmp_path: Path) -> None:
     """Both readers decode images through one path (stages.video.decode_image)."""
-    from stages.rgba import RgbaReader
+    from cuepipe.stages.rgba import RgbaReader
 
     rng = np.random.default_rng(4)
     written = [rng.integers(0, 256, (24, 32, 4), dtype=np.uint8) for _ in range(3)]

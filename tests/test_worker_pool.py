@@ -13,10 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.job import Job, JobState
-from orchestrator.pipeline import parse
-from orchestrator.worker_pool import WorkerPool
-from stages.codec import Event
+from cuepipe.orchestrator.job import Job, JobState
+from cuepipe.orchestrator.pipeline import parse
+from cuepipe.orchestrator.worker_pool import WorkerPool
+from cuepipe.stages.codec import Event
 
 TOML = """
 [defaults]

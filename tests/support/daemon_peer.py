@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from stages.codec import Event, decode, encode
-from stages.protocol import COMMANDS, JOB_EVENTS, REPLIES
+from cuepipe.stages.codec import Event, decode, encode
+from cuepipe.stages.protocol import COMMANDS, JOB_EVENTS, REPLIES
 from tests.support.env import subprocess_env
 
 #: Pipelines of the misbehaving test stage (and one real one), shared by the daemon and failure tests.
@@ -96,7 +96,7 @@ class Client:
 
 class Server:
     def __init__(self, root: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "orchestrator.cli", "--pipelines", str(root / "pipelines.toml"), "serve",
+        cmd = [sys.executable, "-m", "cuepipe.orchestrator.cli", "--pipelines", str(root / "pipelines.toml"), "serve",
                "--port", "0", "--root", str(root), "--state", str(root / "state"), *extra]
         kwargs: dict[str, object] = {}
         if sys.platform == "win32":

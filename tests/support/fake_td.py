@@ -6,8 +6,8 @@ import socket
 import threading
 import time
 
-from stages.codec import Event, EventError, decode
-from stages.protocol import JOB_EVENTS, STAGE_EVENTS, EventSpec
+from cuepipe.stages.codec import Event, EventError, decode
+from cuepipe.stages.protocol import JOB_EVENTS, STAGE_EVENTS, EventSpec
 
 
 class FakeTD:

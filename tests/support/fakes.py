@@ -6,11 +6,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from orchestrator.job import JobResult, JobState
-from orchestrator.journal import JobRecord
-from orchestrator.pipeline import Pipeline
-from stages.codec import Event
-from stages.protocol import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_STARTED
+from cuepipe.orchestrator.job import JobResult, JobState
+from cuepipe.orchestrator.journal import JobRecord
+from cuepipe.orchestrator.pipeline import Pipeline
+from cuepipe.stages.codec import Event
+from cuepipe.stages.protocol import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_STARTED
 
 
 class FakeClock:

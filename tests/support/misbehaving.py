@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.errors import ErrorKind
-from stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, stage_main
+from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.stage import Param, ParamKind, StageError, StageEvents, StageResult, stage_main
 
 NAME = "misbehaving"
 MODES = ("ok", "exit3", "sigkill", "hang", "hang_silent", "no_done", "fail", "slow", "outputs", "stubborn")

@@ -7,9 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from orchestrator.democlip import render_frames
-from stages.rgba import RgbaReader
-from stages.video import Codec, VideoWriter
+from cuepipe.orchestrator.democlip import render_frames
+from cuepipe.stages.rgba import RgbaReader
+from cuepipe.stages.video import Codec, VideoWriter
 
 W, H = 160, 96
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pythonosc.osc_packet import OscPacket
 
-from td import callbacks
+from cuepipe.td import callbacks
 
 
 class FakePar:

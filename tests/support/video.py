@@ -1,4 +1,4 @@
-"""Test clips and frames: made, written and read back independently of ``stages.video``'s reader."""
+"""Test clips and frames: made, written and read back independently of ``cuepipe.stages.video``'s reader."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 
-from stages.video import Codec, VideoWriter
+from cuepipe.stages.video import Codec, VideoWriter
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
