@@ -38,7 +38,7 @@ import numpy as np
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.stage import StageError
 from cuepipe.stages.video import VideoInputError, convert_image, decode_image, list_images, probe
-from cuepipe.stages.videowriter import NO_WINDOW, ffmpeg_exe
+from cuepipe.stages.videowriter import NO_WINDOW, ffmpeg_exe, reap
 
 __all__ = ["RgbaReader", "has_alpha_format", "to_bgra8"]
 
@@ -192,12 +192,7 @@ class RgbaReader:
         """Stop and reap the decoder (idempotent)."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(OSError):
-                if proc.stdout is not None:
-                    proc.stdout.close()
-            proc.wait()
+            reap(proc, proc.stdout)
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None

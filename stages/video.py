@@ -8,7 +8,6 @@ re-exported here; its docstring lists the codec presets and what each costs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import subprocess
@@ -32,6 +31,7 @@ from cuepipe.stages.videowriter import (
     VideoWriter,
     ffmpeg_exe,
     fps_fraction,
+    reap,
 )
 
 __all__ = [
@@ -382,11 +382,7 @@ def data_extent(path: Path) -> DataExtent | None:
                     end = packet_end if end is None else max(end, packet_end)
             code = proc.wait()
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(OSError):
-                stdout.close()
-            proc.wait()
+            reap(proc, stdout)
         err.seek(0)
         text = err.read().decode("utf-8", "replace")
     if code != 0:

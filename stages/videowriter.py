@@ -107,6 +107,17 @@ def ffmpeg_exe() -> str:
 
 #: Windows: no console window flashes up for ffmpeg when the stage runs without one.
 NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+
+
+def reap(proc: subprocess.Popen[bytes], pipe: IO[bytes] | None) -> None:
+    """Stop an ffmpeg we started, now: kill it if it still runs, close our end of its pipe, wait for it
+    (no zombie, and on Windows no open handle on its files). Safe on one that has already exited."""
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(OSError):
+        if pipe is not None:
+            pipe.close()
+    proc.wait()
 #: Encoder threads: 1 on 2 cores (the stage's inference needs them; more threads only add CPU), up to
 #: 4 on big machines, where a fast GPU would otherwise wait for a single-threaded encoder.
 ENCODER_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -329,12 +340,7 @@ class VideoWriter:
         """Stop ffmpeg at once and delete the temporary output; ``path`` is left untouched (idempotent)."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(OSError):
-                if proc.stdin is not None:
-                    proc.stdin.close()
-            proc.wait()
+            reap(proc, proc.stdin)
         self._cleanup()
 
     @staticmethod
