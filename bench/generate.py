@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
 from cuepipe.models.contract import GeneratorContract
 from cuepipe.orchestrator.democlip import render_frames
 from cuepipe.stages import generate
+from cuepipe.stages.framing import FramePass
 from cuepipe.stages.generator import Generator
-from cuepipe.stages.genframes import FramePass
 from cuepipe.stages.rgba import RgbaReader
 from cuepipe.stages.stage import StageEvents
 from cuepipe.stages.video import Codec, VideoWriter

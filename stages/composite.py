@@ -6,7 +6,7 @@
 
 The input is the layer: a video with alpha (``generate``'s ``generated_rgba.mkv``, ``matting``'s
 ``matte_rgba.mkv``, HAP Alpha, ProRes 4444), a folder of RGBA PNGs, or any video (opaque: then this is
-picture-in-picture). The compositing itself is ``stages/compositing.py``, shared with ``matting``'s
+picture-in-picture). The compositing itself is ``stages/blend.py``, shared with ``matting``'s
 own ``composite`` output: exact straight-alpha rounding, backgrounds scaled to cover and centre-cropped.
 
 - ``background``: ``#rrggbb``, a colour name, an image, a video or image folder (``background_mode``
@@ -14,7 +14,7 @@ own ``composite`` output: exact straight-alpha rounding, backgrounds scaled to c
 - ``size``: the output canvas: ``input`` (default: the layer's size), ``background`` (the background
   image's or video's own size) or ``WxH``. ``scale`` scales the layer; ``position`` = ``[x,y]`` aligns
   it like a percentage background position (``[0,0]`` top-left, ``[0.5,0.5]`` centred, ``[0.5,1]``
-  bottom-centre; outside 0..1 moves it past the edges: ``cuepipe.stages.compositing.place``).
+  bottom-centre; outside 0..1 moves it past the edges: ``cuepipe.stages.blend.place``).
 - ``audio``: ``input`` (default: the layer's own audio, if any), ``background`` (the background
   video's), ``none``, or a path to any file with audio. It is cut or padded to the video's length.
 
@@ -175,7 +175,7 @@ def _audio(opts: dict[str, Any], input: Path, image_folder: bool, duration: floa
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
     """Composite ``input`` into ``output_dir``; see the module docstring."""
 
-    from cuepipe.stages.compositing import BackgroundMode, composite, parse_background, place
+    from cuepipe.stages.blend import BackgroundMode, composite, parse_background, place
     from cuepipe.stages.framepipe import run_frames
     from cuepipe.stages.rgba import RgbaReader
     from cuepipe.stages.video import check_complete
@@ -236,7 +236,7 @@ def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, tran
     """Open one output's writer (registered on ``stack``) and say how to fill it."""
     import numpy as np
 
-    from cuepipe.stages.compositing import to_bgra
+    from cuepipe.stages.blend import to_bgra
     from cuepipe.stages.framepipe import Sink
     from cuepipe.stages.video import Codec, VideoWriter
 

@@ -153,7 +153,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
         **params: Any) -> StageResult:
     """Generate from ``input`` into ``output_dir``; see the module docstring."""
     from cuepipe.stages.framepipe import run_frames
-    from cuepipe.stages.genframes import FramePass, frame_source
+    from cuepipe.stages.framing import FramePass, frame_source
     from cuepipe.stages.rgba import RgbaReader
     from cuepipe.stages.video import check_complete
 
@@ -202,9 +202,9 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
     """Open the writer of one output (registered on ``stack``) and say how to fill it."""
     import numpy as np
 
-    from cuepipe.stages.compositing import composite, to_bgra
+    from cuepipe.stages.blend import composite, to_bgra
     from cuepipe.stages.framepipe import Sink
-    from cuepipe.stages.genframes import Generated
+    from cuepipe.stages.framing import Generated
     from cuepipe.stages.video import AudioSource, Codec, VideoWriter, has_audio
 
     file, codec, channels = OUTPUTS[name]

@@ -1,4 +1,4 @@
-"""Frame geometry and colours, shared by ``preprocess`` and ``compositing``.
+"""Frame geometry and colours, shared by ``preprocess`` and ``blend``.
 
 ``Fit`` (how a source of another aspect ratio fills a frame), ``Geometry`` (one frame's rotate, crop,
 resize and placement on a canvas) and colour parsing (``#rrggbb`` and the ``NAMED_COLOURS``). The

@@ -15,7 +15,7 @@
 | ``hap_alpha`` | ``matte.mov`` | HAP Alpha (TouchDesigner decodes it on the GPU) |
 | ``prores4444`` | ``matte_prores.mov`` | ProRes 4444 with alpha |
 
-``background`` is ``#rrggbb``, an image or a video file (``cuepipe.stages.compositing.parse_background``).
+``background`` is ``#rrggbb``, an image or a video file (``cuepipe.stages.blend.parse_background``).
 Every output has the input's frame count, frame rate and size. ``ratio`` is RVM's downsample
 ratio; by default it comes from RVM's published table for the frame size and ``subject``:
 ``portrait`` (default: head and shoulders, e.g. 0.375 at 720p, the fast choice) or ``full_body``
@@ -245,7 +245,7 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
     """Open the writer of one output (registered on ``writers``) and say how to fill it."""
     import numpy as np
 
-    from cuepipe.stages.compositing import composite, parse_background, to_bgra
+    from cuepipe.stages.blend import composite, parse_background, to_bgra
     from cuepipe.stages.framepipe import Sink
     from cuepipe.stages.video import AudioSource, Codec, VideoWriter, has_audio
 

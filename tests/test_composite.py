@@ -14,8 +14,8 @@ import pytest
 
 from cuepipe.orchestrator.democlip import render_frames, write_clip
 from cuepipe.stages import composite, matting
-from cuepipe.stages.compositing import composite as reference_composite
-from cuepipe.stages.compositing import place
+from cuepipe.stages.blend import composite as reference_composite
+from cuepipe.stages.blend import place
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.rgba import RgbaReader, has_alpha_format
 from cuepipe.stages.stage import StageError

@@ -19,8 +19,8 @@ from cuepipe.models.contract import ContractError, GeneratorContract, parse_rang
 from cuepipe.orchestrator.democlip import render_frames
 from cuepipe.stages import generate, inference
 from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.framing import Box, fit_aspect, person_box, plan
 from cuepipe.stages.generator import Generator
-from cuepipe.stages.genframes import Box, fit_aspect, person_box, plan
 from cuepipe.stages.stage import StageError
 from tests.support import genmodels
 from tests.support.env import ROOT, subprocess_env

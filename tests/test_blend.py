@@ -1,4 +1,4 @@
-"""cuepipe.stages.compositing: exact compositing, BGRA packing, backgrounds (colour, image, video loop / hold),
+"""cuepipe.stages.blend: exact compositing, BGRA packing, backgrounds (colour, image, video loop / hold),
 bad background specs, and placing a scaled layer on a canvas."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cuepipe.stages.compositing import (
+from cuepipe.stages.blend import (
     BackgroundMode,
     StillBackground,
     VideoBackground,

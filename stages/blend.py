@@ -1,4 +1,4 @@
-"""Compositing shared by the ``matting`` stage's composite output and the ``composite`` stage.
+"""Alpha blending (compositing) shared by the ``matting`` stage's composite output and the ``composite`` stage.
 
 - ``parse_background(spec, width, height)``: a colour, an image or a video as a ``Background`` whose
   ``frame(index)`` is BGR uint8 at the output size (images and videos: scaled to cover, centre-cropped).
