@@ -4,7 +4,7 @@
 
 Prints one table (medians over ``rounds`` interleaved rounds). The model is a test-built random conv
 generator (``tests/support/genmodels.py``: 3x3 conv -> ReLU -> 3x3 conv -> sigmoid, ``hidden`` channels,
-NCHW RGB [0,1], dynamic size; needs the ``onnx`` package). The input is ``cuepipe.orchestrator.democlip``'s
+NCHW RGB [0,1], dynamic size; needs the ``onnx`` package). The input is ``cuepipe.stages.democlip``'s
 figure with its exact mask as a BGRA UT Video clip, as ``matting``'s ``rgba`` output holds it.
 CPU ms/frame counts this process and its ffmpeg children; frames/s is sensitive to load from
 elsewhere: the load average is printed at the start and the end.
@@ -36,8 +36,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support.genmodels, when run as a script
 
 from cuepipe.models.contract import GeneratorContract
-from cuepipe.orchestrator.democlip import render_frames
 from cuepipe.stages import generate
+from cuepipe.stages.democlip import render_frames
 from cuepipe.stages.framing import FramePass
 from cuepipe.stages.generator import Generator
 from cuepipe.stages.rgba import RgbaReader

@@ -3,7 +3,7 @@
     python bench/matting.py [--frames 48] [--rounds 3] [--threads 0] [--long 300] [--quick]
 
 Prints the process's resident memory over a long 640x360 stage run, then one table (medians over
-``rounds`` interleaved rounds). Input clips come from ``cuepipe.orchestrator.democlip`` (H.264, 24 fps).
+``rounds`` interleaved rounds). Input clips come from ``cuepipe.stages.democlip`` (H.264, 24 fps).
 CPU ms/frame counts this process and its ffmpeg children, so it is robust to load from elsewhere;
 frames/s is not: the load average is printed at the start and the end.
 
@@ -39,8 +39,8 @@ import onnxruntime as ort
 import psutil
 
 from cuepipe.models import resolve
-from cuepipe.orchestrator.democlip import write_clip
 from cuepipe.stages import matting
+from cuepipe.stages.democlip import write_clip
 from cuepipe.stages.rvm import RVM, InputBuffer
 from cuepipe.stages.stage import StageEvents
 from cuepipe.stages.video import VideoReader

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cuepipe.models import resolve  # noqa: E402
-from cuepipe.orchestrator.democlip import render_frames  # noqa: E402
 from cuepipe.stages.codec import decode, encode  # noqa: E402
+from cuepipe.stages.democlip import render_frames  # noqa: E402
 from cuepipe.stages.protocol import CMD_RUN, JOB_EVENTS, REPLIES  # noqa: E402
 from cuepipe.stages.rvm import RVM, InputBuffer  # noqa: E402
 from cuepipe.stages.video import Codec, VideoWriter  # noqa: E402

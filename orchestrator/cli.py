@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -20,15 +19,13 @@ from cuepipe.orchestrator.job import JobState
 from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
 from cuepipe.orchestrator.runner import cancel_on_signals, load_pipelines, run_job
 from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK
+from cuepipe.stages.protocol import JOB_ID
 from cuepipe.stages.sender import parse_address
 
 log = logging.getLogger("cuepipe")
 
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
 def _job_id(text: str) -> str:
-    if not _JOB_ID.fullmatch(text):
+    if not JOB_ID.fullmatch(text):
         raise argparse.ArgumentTypeError(f"job ids are 1-64 of A-Z a-z 0-9 _ . - (no leading dot): {text!r}")
     return text
 

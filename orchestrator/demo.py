@@ -59,7 +59,7 @@ def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = 
          pipeline: str | None = None) -> int:
     from cuepipe.models import ModelError
     from cuepipe.models.fetch import fetch
-    from cuepipe.orchestrator.democlip import write_clip
+    from cuepipe.stages.democlip import write_clip
 
     name = pipeline or defaults.DEMO_PIPELINE
     try:

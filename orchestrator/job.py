@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from cuepipe.stages.protocol import (
     NO_EXIT_CODE,
     STAGE_EVENTS,
     EventSpec,
+    new_job_id,
 )
 from cuepipe.stages.stage import option
 
@@ -94,10 +94,6 @@ class JobResult:
     message: str = ""
     stage_index: int = -1
     work_dir: Path | None = None
-
-
-def new_job_id(now: Callable[[], datetime] = datetime.now) -> str:
-    return f"{now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 class PublishError(CuepipeError, OSError):

@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cuepipe.orchestrator.job import Job, JobResult, JobState, new_job_id
+from cuepipe.orchestrator.job import Job, JobResult, JobState
 from cuepipe.orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, find_file, load_file, resolve_request
 from cuepipe.orchestrator.terminal import EventDisplay
 from cuepipe.stages.codec import Event
 from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError, ErrorKind
-from cuepipe.stages.protocol import JOB_FAILED, NO_EXIT_CODE
+from cuepipe.stages.protocol import JOB_FAILED, NO_EXIT_CODE, new_job_id
 from cuepipe.stages.sender import EventSender
 
 

@@ -19,13 +19,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from cuepipe.orchestrator import defaults
-from cuepipe.orchestrator.job import Job, JobResult, JobState, new_job_id
+from cuepipe.orchestrator.job import Job, JobResult, JobState
 from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
 from cuepipe.orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, resolve_request
 from cuepipe.orchestrator.worker_pool import WorkerPool
 from cuepipe.stages.codec import Event
 from cuepipe.stages.errors import CuepipeError, ErrorKind
-from cuepipe.stages.protocol import JOB_CANCELLED, JOB_QUEUED
+from cuepipe.stages.protocol import JOB_CANCELLED, JOB_QUEUED, new_job_id
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,11 @@ stdlib codec (``td/osc.py``). Keep it that way: standard library only, no projec
 
 from __future__ import annotations
 
+import re
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 PREFIX = "/cuepipe/v1"
@@ -82,6 +86,15 @@ JOB_EVENTS: tuple[EventSpec, ...] = (
 
 #: exit_code value when a stage never ran or its code is unknown.
 NO_EXIT_CODE = -1
+
+#: What a job id may be when a client chooses it (``cuepipe run --job-id``): 1-64 of A-Z a-z 0-9 _ . -,
+#: no leading dot (it names the Job's work folder).
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def new_job_id(now: Callable[[], datetime] = datetime.now) -> str:
+    """A fresh job id, ``YYYYMMDD-HHMMSS-xxxx``: sortable by time, unique enough for one machine."""
+    return f"{now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 # --------------------------------------------------- Commands: TouchDesigner (or any peer) to cuepipe serve
 # Every Command starts with the peer's tag (echoed in the Reply) and the port to reply to.

@@ -30,7 +30,7 @@ BGR into an alpha codec gets an opaque alpha channel (ffmpeg's pixel-format conv
 Every encoder runs with ``ENCODER_THREADS`` threads (1 on 2 cores).
 
 Encode cost per 1280x720 frame: ffmpeg's own CPU (user+sys, its own process, so it competes with
-inference on 2 cores) and output size; 60 frames of ``cuepipe.orchestrator.democlip``'s figure, 1 thread,
+inference on 2 cores) and output size; 60 frames of ``cuepipe.stages.democlip``'s figure, 1 thread,
 this 2-core machine (medians of noisy runs; one-off measurements while developing, not a ``bench/``
 script):
 

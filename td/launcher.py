@@ -26,13 +26,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import protocol
+from .protocol import new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,6 @@ class LaunchError(RuntimeError):
 def default_python(root: Path = REPO_ROOT, windows: bool = IS_WINDOWS) -> Path:
     """The interpreter of the ``.venv`` in the repository: the one with cuepipe installed."""
     return root / ".venv" / ("Scripts/python.exe" if windows else "bin/python")
-
-
-def new_job_id(now: Callable[[], datetime] = datetime.now) -> str:
-    """A job id in the launcher's own format, ``YYYYMMDD-HHMMSS-xxxx``."""
-    return f"{now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -12,7 +12,7 @@ the orchestrator's very specs and that ``encode`` is byte-identical to python-os
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ class Spec(Protocol):
 
 
 PREFIX: str = _space.PREFIX
+new_job_id: Callable[..., str] = _space.new_job_id
 STAGE_EVENTS: tuple[Spec, ...] = _space.STAGE_EVENTS
 JOB_EVENTS: tuple[Spec, ...] = _space.JOB_EVENTS
 COMMANDS: tuple[Spec, ...] = _space.COMMANDS

@@ -16,8 +16,8 @@ from cuepipe.models import fetch as fetch_mod
 from cuepipe.models.cli import models_command
 from cuepipe.models.contract import GeneratorContract
 from cuepipe.models.fetch import fetch, sha256_file, verify
-from cuepipe.orchestrator.democlip import render_frames
 from cuepipe.stages import generate
+from cuepipe.stages.democlip import render_frames
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.generator import Generator, check_contract
 from cuepipe.stages.stage import StageError

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cuepipe.orchestrator.democlip import render_frames, write_clip
 from cuepipe.stages import composite, matting
 from cuepipe.stages.blend import composite as reference_composite
 from cuepipe.stages.blend import place
+from cuepipe.stages.democlip import render_frames, write_clip
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.rgba import RgbaReader, has_alpha_format
 from cuepipe.stages.stage import StageError

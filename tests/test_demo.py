@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cv2
 
-from cuepipe.orchestrator.democlip import write_clip
+from cuepipe.stages.democlip import write_clip
 from tests.support.env import ROOT, subprocess_env
 from tests.support.fake_td import FakeTD
 

@@ -16,8 +16,8 @@ import pytest
 
 from cuepipe import models
 from cuepipe.models.contract import ContractError, GeneratorContract, parse_range
-from cuepipe.orchestrator.democlip import render_frames
 from cuepipe.stages import generate, inference
+from cuepipe.stages.democlip import render_frames
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.framing import Box, fit_aspect, person_box, plan
 from cuepipe.stages.generator import Generator

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from cuepipe.models import resolve
-from cuepipe.orchestrator.democlip import render_frames, write_clip
 from cuepipe.stages import inference, matting, rvm
+from cuepipe.stages.democlip import render_frames, write_clip
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.framepipe import Sink
 from cuepipe.stages.matting import Matte, matte_frames

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cuepipe.orchestrator.democlip import render_frames
+from cuepipe.stages.democlip import render_frames
 from cuepipe.stages.rgba import RgbaReader
 from cuepipe.stages.video import Codec, VideoWriter
 
