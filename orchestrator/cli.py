@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cuepipe.orchestrator import defaults
+from cuepipe.orchestrator.foreground import cancel_on_signals, load_pipelines, run_job
 from cuepipe.orchestrator.job import JobState
 from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
-from cuepipe.orchestrator.runner import cancel_on_signals, load_pipelines, run_job
 from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK
 from cuepipe.stages.protocol import JOB_ID
 from cuepipe.stages.sender import parse_address

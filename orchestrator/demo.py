@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cuepipe.orchestrator import defaults
-from cuepipe.orchestrator.runner import load_pipelines, run_job
+from cuepipe.orchestrator.foreground import load_pipelines, run_job
 from cuepipe.orchestrator.transport import EventListener
 from cuepipe.stages.codec import Event
 from cuepipe.stages.errors import EXIT_FAILED

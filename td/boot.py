@@ -1,6 +1,6 @@
 """Loads cuepipe's TouchDesigner package inside TD, where the name ``td`` is TD's own module.
 
-Inside TouchDesigner ``import td.launcher`` cannot work: ``td`` is TD's built-in module. So this
+Inside TouchDesigner ``import td.start`` cannot work: ``td`` is TD's built-in module. So this
 standalone file (stdlib only, no package imports) is the content of the COMP's extension Text DAT
 (its ``File`` parameter points here); it loads this repository's ``td/`` folder under another
 name, ``cuepipe_td``, and builds the extension. The COMP's Extension Object is then

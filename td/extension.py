@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .jobs import JobRow, JobTable, write_table
-from .launcher import (
+from .link import DaemonLink
+from .parameters import Value, assign, setup_parameters, split_sets
+from .start import (
     REPO_ROOT,
     DaemonClient,
     LaunchError,
@@ -32,8 +34,6 @@ from .launcher import (
     new_job_id,
     start_job,
 )
-from .link import DaemonLink
-from .parameters import Value, assign, setup_parameters, split_sets
 
 log = logging.getLogger(__name__)
 

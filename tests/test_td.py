@@ -18,7 +18,7 @@ import pytest
 
 from cuepipe.td import callbacks
 from cuepipe.td.extension import CuepipeExt
-from cuepipe.td.launcher import LaunchError, LaunchOptions, start_job
+from cuepipe.td.start import LaunchError, LaunchOptions, start_job
 from tests.support.env import subprocess_env
 from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakeTableDAT, FakeTOP, TDPort, running_in
 

@@ -87,7 +87,7 @@ import builtins, importlib.util, sys, types
 from pathlib import Path
 sys.modules["td"] = types.ModuleType("td")  # what TouchDesigner has: its own module named td
 try:
-    import cuepipe.td.launcher
+    import cuepipe.td.start
 except ImportError as exc:
     print("PLAIN IMPORT FAILS:", type(exc).__name__)
 spec = importlib.util.spec_from_file_location("boot", {boot!r})  # as TD loads a Text DAT module

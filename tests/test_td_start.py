@@ -1,4 +1,4 @@
-"""td/launcher.py without a TD: the interpreter default, argv, environment, errors, the pipelines query."""
+"""td/start.py without a TD: the interpreter default, argv, environment, errors, the pipelines query."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cuepipe.td.launcher import (
+from cuepipe.td.start import (
     REPO_ROOT,
     DaemonClient,
     LaunchError,
