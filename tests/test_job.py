@@ -15,54 +15,20 @@ import pytest
 from cuepipe.orchestrator.job import Job, publish
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
+from tests.support.pipelines import pipelines_toml, step
 
-PIPELINES = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.two]
-description = "two well-behaved stages"
-[[pipelines.two.stages]]
-stage = "misbehaving"
-[[pipelines.two.stages]]
-stage = "misbehaving"
-params = { frames = 3 }
-[pipelines.sigkill]
-[[pipelines.sigkill.stages]]
-stage = "misbehaving"
-params = { mode = "sigkill" }
-[pipelines.exit3]
-[[pipelines.exit3.stages]]
-stage = "misbehaving"
-params = { mode = "exit3" }
-[pipelines.retry]
-[[pipelines.retry.stages]]
-stage = "misbehaving"
-retries = 1
-params = { mode = "exit3" }
-[pipelines.no_done]
-[[pipelines.no_done.stages]]
-stage = "misbehaving"
-params = { mode = "no_done" }
-[pipelines.fail]
-[[pipelines.fail.stages]]
-stage = "misbehaving"
-params = { mode = "fail" }
-[pipelines.hang]
-[[pipelines.hang.stages]]
-stage = "misbehaving"
-timeout = 1.0
-params = { mode = "hang" }
-[pipelines.stall]
-[[pipelines.stall.stages]]
-stage = "misbehaving"
-stall_timeout = 0.7
-params = { mode = "hang_silent" }
-[pipelines.slow]
-[[pipelines.slow.stages]]
-stage = "misbehaving"
-params = { mode = "hang_silent" }
-"""
+PIPELINES = pipelines_toml(
+    {"stall_timeout": 0},
+    two={"description": "two well-behaved stages", "stages": [step(), step(frames=3)]},
+    sigkill=[step("sigkill")],
+    exit3=[step("exit3")],
+    retry=[step("exit3", retries=1)],
+    no_done=[step("no_done")],
+    fail=[step("fail")],
+    hang=[step("hang", timeout=1.0)],
+    stall=[step("hang_silent", stall_timeout=0.7)],
+    slow=[step("hang_silent")],
+)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from cuepipe.stages.codec import Event
 from cuepipe.stages.errors import EXIT_FAILED
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
+from tests.support.pipelines import pipelines_toml, step
 
 TERMINAL = ("job/done", "job/failed", "job/cancelled")
 real_rename = os.rename
@@ -153,16 +154,10 @@ def test_publish_replaces_older_outputs(
     assert list(pairs[0][0].parent.iterdir()) == [], "a published source was left in the work folder"
 
 
-PIPELINES = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.three]
-description = "one stage writing a file, a folder and a file"
-[[pipelines.three.stages]]
-stage = "misbehaving"
-params = { mode = "outputs", sizes = "%s" }
-"""
+PIPELINES = pipelines_toml(
+    {"stall_timeout": 0},
+    three={"description": "one stage writing a file, a folder and a file", "stages": [step("outputs", sizes="%s")]},
+)
 
 
 @pytest.fixture

@@ -13,16 +13,9 @@ from cuepipe.orchestrator.journal import JobRecord, Journal
 from cuepipe.orchestrator.pipeline import ConfigError, parse, under_roots
 from cuepipe.orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
 from tests.support.fakes import FakeClock, FakeRunner, settle
+from tests.support.pipelines import pipelines_toml, step
 
-TOML = """
-[pipelines.a]
-[[pipelines.a.stages]]
-stage = "misbehaving"
-[pipelines.g]
-resource = "gpu"
-[[pipelines.g.stages]]
-stage = "misbehaving"
-"""
+TOML = pipelines_toml(a=[step()], g={"resource": "gpu", "stages": [step()]})
 
 
 def record(job: str, seq: int, state: JobState, restarts: int = 0) -> JobRecord:
@@ -75,12 +68,8 @@ def test_under_roots(tmp_path: Path) -> None:
 
 # --- the queue, in memory: a fake JobRunner (no process, no socket) and a fake clock ------------------
 
-LIVE = TOML + """
-[pipelines.live]
-keep_running = true
-[[pipelines.live.stages]]
-stage = "misbehaving"
-"""
+LIVE = pipelines_toml(a=[step()], g={"resource": "gpu", "stages": [step()]},
+                      live={"keep_running": True, "stages": [step()]})
 
 TERMINAL = ("job/done", "job/failed", "job/cancelled")
 

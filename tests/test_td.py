@@ -20,35 +20,17 @@ from cuepipe.td import callbacks
 from cuepipe.td.extension import CuepipeExt
 from cuepipe.td.start import LaunchError, LaunchOptions, start_job
 from tests.support.env import subprocess_env
+from tests.support.pipelines import pipelines_toml, step
 from tests.support.td_fakes import FakeChannel, FakeComp, FakeOP, FakeTableDAT, FakeTOP, TDPort, running_in
 
-PIPELINES = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.one]
-[[pipelines.one.stages]]
-stage = "misbehaving"
-[pipelines.two]
-description = "two well-behaved stages"
-[[pipelines.two.stages]]
-stage = "misbehaving"
-[[pipelines.two.stages]]
-stage = "misbehaving"
-params = { frames = 3 }
-[pipelines.fail]
-[[pipelines.fail.stages]]
-stage = "misbehaving"
-params = { mode = "fail" }
-[pipelines.exit3]
-[[pipelines.exit3.stages]]
-stage = "misbehaving"
-params = { mode = "exit3" }
-[pipelines.slow]
-[[pipelines.slow.stages]]
-stage = "misbehaving"
-params = { mode = "hang_silent" }
-"""
+PIPELINES = pipelines_toml(
+    {"stall_timeout": 0},
+    one=[step()],
+    two={"description": "two well-behaved stages", "stages": [step(), step(frames=3)]},
+    fail=[step("fail")],
+    exit3=[step("exit3")],
+    slow=[step("hang_silent")],
+)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from cuepipe.stages.protocol import (
 )
 from cuepipe.td.extension import CuepipeExt
 from tests.support.env import subprocess_env
+from tests.support.pipelines import pipelines_toml, step
 from tests.support.td_fakes import FakeComp, TDPort, frame
 
 
@@ -192,18 +193,7 @@ def test_pipelines_menu_from_daemon(daemon: FakeDaemon, port: TDPort, tmp_path: 
     assert comp.par.Pipeline.menuNames == ["matte"] and comp.par.Pipeline.menuLabels == ["matte (matting)"]
 
 
-REAL_PIPELINES = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.one]
-[[pipelines.one.stages]]
-stage = "misbehaving"
-[pipelines.slow]
-[[pipelines.slow.stages]]
-stage = "misbehaving"
-params = { mode = "hang_silent" }
-"""
+REAL_PIPELINES = pipelines_toml({"stall_timeout": 0}, one=[step()], slow=[step("hang_silent")])
 
 
 def test_against_a_real_cuepipe_serve(port: TDPort, tmp_path: Path) -> None:

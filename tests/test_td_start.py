@@ -22,6 +22,7 @@ from cuepipe.td.start import (
     start_job,
 )
 from tests.support.env import subprocess_env
+from tests.support.pipelines import pipelines_toml, step
 
 
 def test_default_interpreter_is_the_repositorys_venv_never_tds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,8 +66,7 @@ def test_cannot_start_is_a_launch_error(tmp_path: Path) -> None:
 
 
 def test_cancel_after_exit_is_a_no_op(tmp_path: Path) -> None:
-    toml = 'version = 1\n[pipelines.one]\n[[pipelines.one.stages]]\nstage = "misbehaving"\n'
-    (tmp_path / "pipelines.toml").write_text(toml)
+    (tmp_path / "pipelines.toml").write_text(pipelines_toml(one=[step()]))
     options = LaunchOptions(python=sys.executable, report_port=9, pipelines=tmp_path / "pipelines.toml",
                             env=subprocess_env(), log_dir=tmp_path)
     handle = start_job(options, "nope", str(tmp_path / "missing.mov"))

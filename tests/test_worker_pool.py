@@ -17,25 +17,14 @@ from cuepipe.orchestrator.job import Job, JobState
 from cuepipe.orchestrator.pipeline import parse
 from cuepipe.orchestrator.worker_pool import WorkerPool
 from cuepipe.stages.codec import Event
+from tests.support.pipelines import pipelines_toml, step
 
-TOML = """
-[defaults]
-stall_timeout = 0
-[pipelines.warm]
-[[pipelines.warm.stages]]
-stage = "misbehaving"
-warm = true
-[pipelines.hang]
-[[pipelines.hang.stages]]
-stage = "misbehaving"
-warm = true
-params = { mode = "hang_silent" }
-[pipelines.fail]
-[[pipelines.fail.stages]]
-stage = "misbehaving"
-warm = true
-params = { mode = "fail" }
-"""
+TOML = pipelines_toml(
+    {"stall_timeout": 0},
+    warm=[step(warm=True)],
+    hang=[step("hang_silent", warm=True)],
+    fail=[step("fail", warm=True)],
+)
 
 
 @pytest.fixture

@@ -14,47 +14,20 @@ import psutil
 from cuepipe.stages.codec import Event, decode, encode
 from cuepipe.stages.protocol import COMMANDS, JOB_EVENTS, REPLIES
 from tests.support.env import subprocess_env
+from tests.support.pipelines import pipelines_toml, step
 
 #: Pipelines of the misbehaving test stage (and one real one), shared by the daemon and failure tests.
-PIPELINES = """
-version = 1
-[defaults]
-stall_timeout = 0
-[pipelines.quick]
-[[pipelines.quick.stages]]
-stage = "misbehaving"
-[pipelines.slow]
-[[pipelines.slow.stages]]
-stage = "misbehaving"
-params = { mode = "hang_silent" }
-[pipelines.warm]
-[[pipelines.warm.stages]]
-stage = "misbehaving"
-warm = true
-[pipelines.live]
-keep_running = true
-[[pipelines.live.stages]]
-stage = "misbehaving"
-params = { mode = "exit3" }
-[pipelines.crashy]
-[[pipelines.crashy.stages]]
-stage = "misbehaving"
-retries = 1
-params = { mode = "slow", frames = 200 }
-[pipelines.slowish]
-[[pipelines.slowish.stages]]
-stage = "misbehaving"
-params = { mode = "slow", frames = 60 }
-[pipelines.stubborn]
-[[pipelines.stubborn.stages]]
-stage = "misbehaving"
-params = { mode = "stubborn" }
-[pipelines.matte]
-[[pipelines.matte.stages]]
-stage = "matting"
-[[pipelines.matte.stages]]
-stage = "composite"
-"""
+PIPELINES = pipelines_toml(
+    {"stall_timeout": 0},
+    quick=[step()],
+    slow=[step("hang_silent")],
+    warm=[step(warm=True)],
+    live={"keep_running": True, "stages": [step("exit3")]},
+    crashy=[step("slow", frames=200, retries=1)],
+    slowish=[step("slow", frames=60)],
+    stubborn=[step("stubborn")],
+    matte=[step(stage="matting"), step(stage="composite")],
+)
 
 BY_NAME = {spec.name: spec for spec in COMMANDS}
 
