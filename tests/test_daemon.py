@@ -116,9 +116,7 @@ def test_cancel_queued_and_running(root: Path, client: Client) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_stage_killed_mid_job_is_retried_then_reported(root: Path, client: Client) -> None:
-    client.send("cmd/run", tag="k", pipeline="crashy", input=str(root / "clip.txt"), priority=0, sets=[])
-    job = client.wait("reply/ack", tag="k")["job"]
-    first = client.wait("job/stage_started", job=job)
+    job, first = client.run_until_started("crashy", root / "clip.txt", "k")
     os.kill(first["pid"], signal.SIGKILL)
     failed = client.wait("job/stage_failed", job=job)
     assert (failed["exit_code"], failed["kind"], failed["retrying"]) == (-signal.SIGKILL, "crashed", 1)
@@ -134,14 +132,10 @@ def test_daemon_killed_then_restarted_accounts_for_every_job(root: Path) -> None
     first = Server(root)
     c = Client(first.port)
     try:
-        c.send("cmd/run", tag="d", pipeline="quick", input=str(root / "clip.txt"), priority=0, sets=[])
-        done_job = c.wait("reply/ack", tag="d")["job"]
+        done_job = c.run("quick", root / "clip.txt", "d")
         out = Path(c.wait("job/done", job=done_job)["outputs"][0])
-        c.send("cmd/run", tag="r", pipeline="slow", input=str(root / "clip.txt"), priority=0, sets=[])
-        running_job = c.wait("reply/ack", tag="r")["job"]
-        c.wait("job/stage_started", job=running_job)
-        c.send("cmd/run", tag="q", pipeline="quick", input=str(root / "clip.txt"), priority=0, sets=[])
-        queued_job = c.wait("reply/ack", tag="q")["job"]
+        running_job, _ = c.run_until_started("slow", root / "clip.txt", "r")
+        queued_job = c.run("quick", root / "clip.txt", "q")
     finally:
         first.kill_hard()
         c.close()

@@ -65,9 +65,7 @@ def test_hostile_reply_port_neither_kills_the_daemon_nor_its_running_job(root: P
     server = Server(root)
     client = Client(server.port)
     try:
-        client.send("cmd/run", tag="job", pipeline="slowish", input=str(root / "clip.txt"), priority=0, sets=[])
-        job = client.wait("reply/ack", tag="job")["job"]
-        client.wait("job/stage_started", job=job)
+        job, _ = client.run_until_started("slowish", root / "clip.txt", "job")
         for i, port in enumerate((-1, 70000, 2**31 - 1)):  # `oscsend ... /cuepipe/v1/cmd/ping si tag -1`
             client.sock.sendto(_raw("/cuepipe/v1/cmd/ping", ("s", f"bad{i}"), ("i", port)), client.daemon)
             error = client.wait("reply/error", tag=f"bad{i}")  # answered on the sender's own port
@@ -292,9 +290,7 @@ def test_sigterm_requeues_the_running_job_and_it_finishes_after_restart(root: Pa
     server = Server(root)
     client = Client(server.port)
     try:
-        client.send("cmd/run", tag="a", pipeline="slowish", input=str(root / "clip.txt"), priority=0, sets=[])
-        job = client.wait("reply/ack", tag="a")["job"]
-        client.wait("job/stage_started", job=job)
+        job, _ = client.run_until_started("slowish", root / "clip.txt", "a")
         assert server.stop() == 0  # SIGTERM (CTRL_BREAK on Windows)
         client.pump(0.3)
         mine = [e.spec.name for e in client.events if e.fields.get("job") == job]
@@ -317,9 +313,7 @@ def test_sigterm_under_interrupted_policy_marks_interrupted(root: Path) -> None:
     server = Server(root, "--on-restart", "interrupted")
     client = Client(server.port)
     try:
-        client.send("cmd/run", tag="a", pipeline="slowish", input=str(root / "clip.txt"), priority=0, sets=[])
-        job = client.wait("reply/ack", tag="a")["job"]
-        client.wait("job/stage_started", job=job)
+        job, _ = client.run_until_started("slowish", root / "clip.txt", "a")
         assert server.stop() == 0
         server = Server(root, "--on-restart", "interrupted")
         client.daemon = ("127.0.0.1", server.port)

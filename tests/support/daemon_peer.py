@@ -63,6 +63,17 @@ class Client:
             self.pump()
         raise AssertionError(f"no {name} {match} in {timeout}s; got {[e.spec.name for e in self.events]}")
 
+    def run(self, pipeline: str, input: Path, tag: str, sets: tuple[str, ...] = ()) -> str:
+        """Send ``cmd/run`` and return the job id from its ack."""
+        self.send("cmd/run", tag=tag, pipeline=pipeline, input=str(input), priority=0, sets=list(sets))
+        job: str = self.wait("reply/ack", tag=tag)["job"]
+        return job
+
+    def run_until_started(self, pipeline: str, input: Path, tag: str) -> tuple[str, Event]:
+        """Send ``cmd/run`` and wait until its stage runs; the job id and the stage_started Event."""
+        job = self.run(pipeline, input, tag)
+        return job, self.wait("job/stage_started", job=job)
+
     def close(self) -> None:
         self.sock.close()
 
