@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from cuepipe.orchestrator.journal import JobRecord
 from cuepipe.orchestrator.scheduler import Scheduler
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from cuepipe.stages.protocol import (
     CMD_CANCEL,
     CMD_LIST,
@@ -25,7 +25,7 @@ from cuepipe.stages.protocol import (
     REPLY_PIPELINES,
     REPLY_PONG,
     REPLY_STATUS,
-    EventSpec,
+    MessageSpec,
 )
 
 
@@ -43,54 +43,54 @@ class Context(Protocol):
     def pipelines_json(self) -> str: ...
 
 
-Reply = tuple[EventSpec, dict[str, Any]]
+Reply = tuple[MessageSpec, dict[str, Any]]
 
 
-def _ack(e: Event, job: str = "", detail: str = "") -> Reply:
+def _ack(e: Message, job: str = "", detail: str = "") -> Reply:
     return REPLY_ACK, {"tag": e["tag"], "command": e.spec.name.removeprefix("cmd/"), "job": job, "detail": detail}
 
 
-def _status(e: Event, r: JobRecord) -> Reply:
+def _status(e: Message, r: JobRecord) -> Reply:
     return REPLY_STATUS, {"tag": e["tag"], "job": r.id, "pipeline": r.pipeline, "state": r.state.value,
                           "index": r.index, "overall": r.overall, "input": r.input, "message": r.message}
 
 
-def run(ctx: Context, e: Event, reply_to: tuple[str, int]) -> list[Reply]:
+def run(ctx: Context, e: Message, reply_to: tuple[str, int]) -> list[Reply]:
     record = ctx.scheduler.submit(e["pipeline"], e["input"], e["sets"], e["priority"], e["tag"], reply_to)
     return [_ack(e, record.id, "queued")]
 
 
-def cancel(ctx: Context, e: Event, reply_to: tuple[str, int]) -> list[Reply]:
+def cancel(ctx: Context, e: Message, reply_to: tuple[str, int]) -> list[Reply]:
     record = ctx.scheduler.cancel(e["job"])
     return [_ack(e, record.id, "cancelling")]
 
 
-def status(ctx: Context, e: Event, reply_to: tuple[str, int]) -> list[Reply]:
+def status(ctx: Context, e: Message, reply_to: tuple[str, int]) -> list[Reply]:
     if e["job"]:
         return [_status(e, ctx.scheduler.get(e["job"]))]
     records = ctx.scheduler.records()
     return [_status(e, r) for r in records] + [_ack(e, detail=f"{len(records)} jobs")]
 
 
-def list_pipelines(ctx: Context, e: Event, reply_to: tuple[str, int]) -> list[Reply]:
+def list_pipelines(ctx: Context, e: Message, reply_to: tuple[str, int]) -> list[Reply]:
     return [(REPLY_PIPELINES, {"tag": e["tag"], "pipelines": ctx.pipelines_json()})]
 
 
-def ping(ctx: Context, e: Event, reply_to: tuple[str, int]) -> list[Reply]:
+def ping(ctx: Context, e: Message, reply_to: tuple[str, int]) -> list[Reply]:
     return [(REPLY_PONG, {"tag": e["tag"], "uptime": ctx.uptime()})]
 
 
-def subscribe(ctx: Context, e: Event, reply_to: tuple[str, int]) -> list[Reply]:
+def subscribe(ctx: Context, e: Message, reply_to: tuple[str, int]) -> list[Reply]:
     ctx.subscribe(reply_to)
     return [_ack(e, detail=f"{reply_to[0]}:{reply_to[1]}")]
 
 
-def unsubscribe(ctx: Context, e: Event, reply_to: tuple[str, int]) -> list[Reply]:
+def unsubscribe(ctx: Context, e: Message, reply_to: tuple[str, int]) -> list[Reply]:
     ctx.unsubscribe(reply_to)
     return [_ack(e, detail=f"{reply_to[0]}:{reply_to[1]}")]
 
 
-Handler = Callable[[Context, Event, tuple[str, int]], list[Reply]]
+Handler = Callable[[Context, Message, tuple[str, int]], list[Reply]]
 
 #: The one table from Command address to handler.
 TABLE: dict[str, Handler] = {

@@ -29,9 +29,9 @@ from cuepipe.orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, S
 from cuepipe.orchestrator.transport import DatagramQueue, EventSocket
 from cuepipe.orchestrator.worker import ProcessRegistry, reap_leftovers
 from cuepipe.orchestrator.worker_pool import WorkerPool
-from cuepipe.stages.codec import Event, EventError, MalformedPacket, UnknownAddress, decode, encode
+from cuepipe.stages.codec import MalformedPacket, Message, MessageError, UnknownAddress, decode, encode
 from cuepipe.stages.errors import CuepipeError, ErrorKind
-from cuepipe.stages.protocol import COMMANDS, HEARTBEAT, PREFIX, REPLY_ERROR, EventSpec
+from cuepipe.stages.protocol import COMMANDS, HEARTBEAT, PREFIX, REPLY_ERROR, MessageSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _MAX_PORT = 65535
 _PROCESSES = "processes"  # under --state: the stage processes running now (orchestrator.worker.ProcessRegistry)
 
 
-def _readable_head(exc: EventError, peer: tuple[str, int]) -> tuple[str, str, tuple[str, int]]:
+def _readable_head(exc: MessageError, peer: tuple[str, int]) -> tuple[str, str, tuple[str, int]]:
     """From a Command that could not be decoded, what can still be read: its tag, its command name
     and where to reply (its reply port when that is a valid one, else the sender's port)."""
     params = exc.params
@@ -149,12 +149,12 @@ class Daemon:
 
     # --- out ------------------------------------------------------------------------------------
 
-    def _send(self, spec: EventSpec, fields: Mapping[str, Any], targets: set[tuple[str, int]]) -> None:
+    def _send(self, spec: MessageSpec, fields: Mapping[str, Any], targets: set[tuple[str, int]]) -> None:
         data = encode(spec, **fields)
         for target in targets:
             self.socket.send(data, target)
 
-    def _job_event(self, event: Event, record: JobRecord) -> None:
+    def _job_event(self, event: Message, record: JobRecord) -> None:
         """Job Events go to whoever asked for the job and to every subscriber."""
         targets = set(self.subscribers)
         if record.reply_to:
@@ -195,7 +195,7 @@ class Daemon:
             self.counters["malformed"] += 1
             log.warning("malformed datagram from %s: %s", peer[0], exc)
             return
-        except EventError as exc:  # an unknown address, or the wrong arguments for a known one
+        except MessageError as exc:  # an unknown address, or the wrong arguments for a known one
             unknown = isinstance(exc, UnknownAddress)
             self.counters["unknown" if unknown else "bad_arguments"] += 1
             tag, command, to = _readable_head(exc, peer)

@@ -17,14 +17,14 @@ from pathlib import Path
 from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.foreground import load_pipelines, run_job
 from cuepipe.orchestrator.transport import EventListener
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import EXIT_FAILED
 from cuepipe.stages.protocol import JOB_EVENTS
 
 log = logging.getLogger(__name__)
 
 
-def _summary(event: Event) -> str:
+def _summary(event: Message) -> str:
     f = dict(event.fields)
     f.pop("job", None)
     if event.spec.name == "job/progress":
@@ -73,7 +73,7 @@ def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = 
     write_clip(clip, mask, width=640, height=360, frames=48, fps=24.0)
     print(f"clip     {clip} (640x360, 48 frames, 24 fps; ground-truth mask {mask.name})")
 
-    received: list[Event] = []
+    received: list[Message] = []
     listener = EventListener(JOB_EVENTS, received.append).start()
     try:
         pipelines, error = load_pipelines(None)

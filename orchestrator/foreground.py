@@ -21,7 +21,7 @@ from typing import Any
 from cuepipe.orchestrator.job import Job, JobResult, JobState
 from cuepipe.orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, find_file, load_file, resolve_request
 from cuepipe.orchestrator.terminal import EventDisplay
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError, ErrorKind
 from cuepipe.stages.protocol import JOB_FAILED, NO_EXIT_CODE, new_job_id
 from cuepipe.stages.sender import EventSender
@@ -70,7 +70,7 @@ def run_job(
     json_lines: bool = False,
     keep_work: bool = False,
     config_error: ConfigError | None = None,
-    extra_sink: Callable[[Event], None] | None = None,
+    extra_sink: Callable[[Message], None] | None = None,
     job_id: str | None = None,
     eof_cancels: bool = False,
 ) -> tuple[int, JobResult | None]:
@@ -88,7 +88,7 @@ def run_job(
             failure = exc
     targets = list(reports) + (list(pipeline.report) if pipeline else [])
     with EventSender(targets) as sender, EventDisplay(json_lines) as display:
-        def sink(event: Event) -> None:
+        def sink(event: Message) -> None:
             sender.emit(event)
             display.show(event)
             if extra_sink:
@@ -97,7 +97,7 @@ def run_job(
         job_id = job_id or new_job_id()
         if pipeline is None:
             kind, message = (failure.kind, str(failure)) if failure else (ErrorKind.CONFIG_INVALID, "no pipelines")
-            sink(Event(JOB_FAILED, {"job": job_id, "index": -1, "stage": "", "exit_code": NO_EXIT_CODE,
+            sink(Message(JOB_FAILED, {"job": job_id, "index": -1, "stage": "", "exit_code": NO_EXIT_CODE,
                                     "kind": kind.value, "message": message}))
             return EXIT_BAD_ARGUMENT, None
         cancel = threading.Event()

@@ -30,7 +30,7 @@ from cuepipe.orchestrator.transport import EventSocket
 from cuepipe.orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
 from cuepipe.orchestrator.worker_pool import ResidentTask, WorkerPool
 from cuepipe.stages import STAGES
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import CuepipeError, ErrorKind
 from cuepipe.stages.protocol import (
     JOB_CANCELLED,
@@ -44,14 +44,14 @@ from cuepipe.stages.protocol import (
     JOB_WARNING,
     NO_EXIT_CODE,
     STAGE_EVENTS,
-    EventSpec,
+    MessageSpec,
     new_job_id,
 )
 from cuepipe.stages.stage import option
 
 log = logging.getLogger(__name__)
 
-EventSink = Callable[[Event], None]
+EventSink = Callable[[Message], None]
 
 
 class JobState(StrEnum):
@@ -256,10 +256,10 @@ class Job:
         self.work_dir = self.out_dir / defaults.WORK_DIR_NAME / self.job_id
         self._ended = False  # a terminal Event (done, failed, cancelled) was emitted
 
-    def _emit(self, spec: EventSpec, **fields: Any) -> None:
+    def _emit(self, spec: MessageSpec, **fields: Any) -> None:
         if spec in (JOB_DONE, JOB_FAILED, JOB_CANCELLED):
             self._ended = True
-        self.sink(Event(spec, {"job": self.job_id, **fields}))
+        self.sink(Message(spec, {"job": self.job_id, **fields}))
 
     def reject(self, kind: ErrorKind, message: str) -> JobResult:
         """Fail before any stage ran: one ``job/failed`` Event with index -1."""
@@ -432,7 +432,7 @@ class Job:
                 result.kind = ErrorKind.OUTPUT_ERROR
                 result.message = f"done named missing output(s): {', '.join(map(str, missing))}"
 
-    def _on_event(self, event: Event, index: int, stage: Step, number: int, result: Attempt) -> None:
+    def _on_event(self, event: Message, index: int, stage: Step, number: int, result: Attempt) -> None:
         name = event.spec.name
         if event["stage"] != stage.name:
             log.warning("ignoring %s from stage %r while running %r", name, event["stage"], stage.name)

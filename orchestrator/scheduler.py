@@ -23,17 +23,17 @@ from cuepipe.orchestrator.job import Job, JobResult, JobState
 from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
 from cuepipe.orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, resolve_request
 from cuepipe.orchestrator.worker_pool import WorkerPool
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import CuepipeError, ErrorKind
 from cuepipe.stages.protocol import JOB_CANCELLED, JOB_QUEUED, new_job_id
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[Event, JobRecord], None]
+Sink = Callable[[Message, JobRecord], None]
 #: Runs one accepted job to its end: ``runner(pipeline, record, on_event, cancel) -> JobResult``. It is
 #: called on the job's own thread, sends the job's Events to ``on_event`` and stops when ``cancel`` is set.
 #: The default builds a real ``Job`` (stage processes); tests inject one that runs in memory.
-JobRunner = Callable[[Pipeline, JobRecord, Callable[[Event], None], threading.Event], JobResult]
+JobRunner = Callable[[Pipeline, JobRecord, Callable[[Message], None], threading.Event], JobResult]
 
 
 class Refusal(StrEnum):
@@ -168,7 +168,7 @@ class Scheduler:
                 raise JobRefused(Refusal.UNAVAILABLE, f"{exc}; no new jobs are accepted until it can be written"
                                  ) from None
             self._records[record.id] = record
-        self.sink(Event(JOB_QUEUED, {"job": record.id, "pipeline": pipeline, "input": record.input,
+        self.sink(Message(JOB_QUEUED, {"job": record.id, "pipeline": pipeline, "input": record.input,
                                      "priority": priority}), record)
         self.dispatch()
         return record
@@ -189,7 +189,7 @@ class Scheduler:
                 self._running[job_id][1].set()  # the Job kills its stage tree and reports job/cancelled
                 queued = False
         if queued:
-            self.sink(Event(JOB_CANCELLED, {"job": job_id, "index": -1, "stage": ""}), record)
+            self.sink(Message(JOB_CANCELLED, {"job": job_id, "index": -1, "stage": ""}), record)
         return record
 
     def get(self, job_id: str) -> JobRecord:
@@ -237,7 +237,7 @@ class Scheduler:
         self._running[record.id] = (thread, cancel)
         thread.start()
 
-    def _run_job(self, pipeline: Pipeline, record: JobRecord, on_event: Callable[[Event], None],
+    def _run_job(self, pipeline: Pipeline, record: JobRecord, on_event: Callable[[Message], None],
                  cancel: threading.Event) -> JobResult:
         """The default JobRunner: the real Job, its stages as supervised processes."""
         return Job(pipeline, Path(record.input), on_event, job_id=record.id, python=self.python, cancel=cancel,
@@ -297,16 +297,16 @@ class Scheduler:
             self._save(record)
         log.warning("keep_running pipeline %s failed (job %s); restarting as %s", failed.pipeline, failed.id,
                     record.id)
-        self.sink(Event(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
+        self.sink(Message(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
                                      "priority": record.priority}), record)
 
-    def _on_event(self, record: JobRecord, event: Event) -> None:
+    def _on_event(self, record: JobRecord, event: Message) -> None:
         name = event.spec.name
         if (name == "job/cancelled" and self._stopping and self.policy is RestartPolicy.REQUEUE
                 and record.id not in self._cancelled):
             # Stopped by the daemon's own graceful stop: the job is not over, it runs again at the next
             # start, so its one terminal Event is still to come. Tell the client it waits again.
-            event = Event(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
+            event = Message(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
                                        "priority": record.priority})
             name = event.spec.name
         with self._lock:

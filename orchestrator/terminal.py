@@ -13,7 +13,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 
 
 class EventDisplay:
@@ -23,7 +23,7 @@ class EventDisplay:
         self._bar: tqdm | None = None
         self.warnings: list[str] = []  # every job/warning, as shown
 
-    def show(self, event: Event) -> None:
+    def show(self, event: Message) -> None:
         if self.json_lines:
             print(json.dumps(event.to_json()), file=self.stream, flush=True)
             return

@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from cuepipe.orchestrator import defaults
-from cuepipe.stages.codec import Event, EventError, decode
-from cuepipe.stages.protocol import EventSpec
+from cuepipe.stages.codec import Message, MessageError, decode
+from cuepipe.stages.protocol import MessageSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class EventSocket:
     """A bound UDP socket that decodes what arrives into Events of the given specs."""
 
-    def __init__(self, specs: Sequence[EventSpec], host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, specs: Sequence[MessageSpec], host: str = "127.0.0.1", port: int = 0,
                  peers: Sequence[str] | None = ("127.0.0.1",)) -> None:
         self.specs = tuple(specs)
         self.peers = frozenset(peers or ())  # empty: any peer
@@ -93,13 +93,13 @@ class EventSocket:
             if len(out) >= 1024:  # bounded batches keep the caller responsive under floods
                 return out
 
-    def receive(self, timeout: float) -> list[Event]:
+    def receive(self, timeout: float) -> list[Message]:
         """Every queued Event, waiting up to ``timeout`` seconds for the first (0: do not wait)."""
-        events: list[Event] = []
+        events: list[Message] = []
         for data, _ in self.datagrams(timeout):
             try:
                 events.extend(decode(data, self.specs))
-            except EventError as exc:
+            except MessageError as exc:
                 self.malformed += 1
                 log.warning("ignoring malformed datagram: %s", exc)
         return events
@@ -118,7 +118,7 @@ class EventSocket:
 class EventListener:
     """An EventSocket read by a thread, handing each Event to ``on_event``; ``stop()`` joins it."""
 
-    def __init__(self, specs: Sequence[EventSpec], on_event: Callable[[Event], None]) -> None:
+    def __init__(self, specs: Sequence[MessageSpec], on_event: Callable[[Message], None]) -> None:
         self.socket = EventSocket(specs)
         self.on_event = on_event
         self._stop = threading.Event()

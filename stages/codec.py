@@ -1,8 +1,10 @@
-"""The codec: Events (``cuepipe.stages.protocol`` specs) to OSC datagrams and back, with python-osc.
+"""The codec: OSC Messages to datagrams and back, with python-osc.
 
-``encode`` checks every argument against its spec before anything is sent; ``decode`` turns a
-datagram (a message or a bundle) into ``Event``s of the specs it is given and raises ``EventError``
-for anything else, never another exception. Stages, the launcher and the daemon all use it; the
+A ``Message`` is one OSC message decoded against its ``MessageSpec`` (``cuepipe.stages.protocol``):
+an Event going out (towards TouchDesigner) or a Command coming in (to the daemon); the codec does not
+care which. ``encode`` checks every argument against its spec before anything is sent; ``decode``
+turns a datagram (a message or a bundle) into ``Message``s of the specs it is given and raises
+``MessageError`` for anything else, never another exception. Stages, the launcher and the daemon all use it; the
 addresses are declared in ``stages/protocol.py``, the UDP sender is ``stages/sender.py``, and
 TouchDesigner's stdlib codec (``td/osc.py``) is tested byte-identical to this one.
 """
@@ -19,14 +21,14 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
 from cuepipe.stages.errors import CuepipeError, ErrorKind
-from cuepipe.stages.protocol import EventSpec
+from cuepipe.stages.protocol import MessageSpec
 
 #: OSC type tag -> Python type accepted for it.
 _TAG_TYPES: dict[str, tuple[type, ...]] = {"i": (int,), "f": (float, int), "s": (str,)}
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-class EventError(CuepipeError, ValueError):
+class MessageError(CuepipeError, ValueError):
     """An Event could not be encoded or decoded (wrong address, arity or argument type).
 
     When decoding got as far as a message, ``address`` and ``params`` hold what could be read, so a
@@ -41,19 +43,20 @@ class EventError(CuepipeError, ValueError):
         self.params = tuple(params)
 
 
-class MalformedPacket(EventError):
+class MalformedPacket(MessageError):
     """The datagram is not a well-formed OSC packet."""
 
 
-class UnknownAddress(EventError):
+class UnknownAddress(MessageError):
     """A well-formed OSC message at an address none of the given specs has."""
 
 
 @dataclass(frozen=True)
-class Event:
-    """A decoded Event: its spec and its arguments by name (the tail, if any, as a tuple)."""
+class Message:
+    """One decoded OSC message, an Event or a Command: its spec and its arguments by name (the tail, if
+    any, as a tuple)."""
 
-    spec: EventSpec
+    spec: MessageSpec
     fields: Mapping[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
@@ -67,29 +70,29 @@ class Event:
         return out
 
 
-def _typed(spec: EventSpec, name: str, tag: str, value: Any) -> Any:
+def _typed(spec: MessageSpec, name: str, tag: str, value: Any) -> Any:
     """``value`` checked against its OSC type tag (bools are not ints here); floats as float."""
     if isinstance(value, bool) or not isinstance(value, _TAG_TYPES[tag]):
-        raise EventError(f"{spec.name}: argument {name!r} must be {tag}, got {value!r}")
+        raise MessageError(f"{spec.name}: argument {name!r} must be {tag}, got {value!r}")
     out: Any = value
     return float(out) if tag == "f" else out
 
 
-def encode(spec: EventSpec, **fields: Any) -> bytes:
+def encode(spec: MessageSpec, **fields: Any) -> bytes:
     """Encode one Event as an OSC datagram, checking every argument against the spec."""
     builder = OscMessageBuilder(address=spec.address)
     for name, tag in spec.args:
         if name not in fields:
-            raise EventError(f"{spec.name}: missing argument {name!r}")
+            raise MessageError(f"{spec.name}: missing argument {name!r}")
         value = _typed(spec, name, tag, fields[name])
         if tag == "f" and not math.isfinite(value):
             value = 0.0
         elif tag == "i" and not _INT32[0] <= value <= _INT32[1]:
-            raise EventError(f"{spec.name}: argument {name!r} out of int32 range: {value}")
+            raise MessageError(f"{spec.name}: argument {name!r} out of int32 range: {value}")
         builder.add_arg(value, tag)
     extra = set(fields) - {n for n, _ in spec.args} - ({spec.tail} if spec.tail else set())
     if extra:
-        raise EventError(f"{spec.name}: unknown argument(s) {sorted(extra)}")
+        raise MessageError(f"{spec.name}: unknown argument(s) {sorted(extra)}")
     if spec.tail:
         for item in fields.get(spec.tail, ()):
             builder.add_arg(str(item), "s")
@@ -127,10 +130,10 @@ def _check_size(dgram: bytes) -> None:
         raise ValueError(f"arguments fill {pos} bytes of a {len(dgram)}-byte message")
 
 
-def decode(data: bytes, specs: Sequence[EventSpec]) -> list[Event]:
+def decode(data: bytes, specs: Sequence[MessageSpec]) -> list[Message]:
     """Decode a datagram (a message or a bundle) into Events of the given specs.
 
-    Raises EventError for anything malformed or unknown; never another exception type.
+    Raises MessageError for anything malformed or unknown; never another exception type.
     """
     by_address = {s.address: s for s in specs}
     try:
@@ -146,22 +149,22 @@ def decode(data: bytes, specs: Sequence[EventSpec]) -> list[Event]:
         if spec is None:
             raise UnknownAddress(f"unknown address {msg.address!r}", msg.address, params)
         try:
-            events.append(Event(spec, _fields(spec, params)))
-        except EventError as exc:
-            raise EventError(str(exc), msg.address, params) from None
+            events.append(Message(spec, _fields(spec, params)))
+        except MessageError as exc:
+            raise MessageError(str(exc), msg.address, params) from None
     return events
 
 
-def _fields(spec: EventSpec, params: list[Any]) -> dict[str, Any]:
+def _fields(spec: MessageSpec, params: list[Any]) -> dict[str, Any]:
     if len(params) < len(spec.args) or (len(params) > len(spec.args) and not spec.tail):
-        raise EventError(f"{spec.name}: expected {len(spec.args)} arguments, got {len(params)}")
+        raise MessageError(f"{spec.name}: expected {len(spec.args)} arguments, got {len(params)}")
     fields: dict[str, Any] = {}
     for (name, tag), value in zip(spec.args, params, strict=False):
         fields[name] = _typed(spec, name, tag, value)
     if spec.tail:
         tail = params[len(spec.args) :]
         if not all(isinstance(v, str) for v in tail):
-            raise EventError(f"{spec.name}: {spec.tail} must be strings")
+            raise MessageError(f"{spec.name}: {spec.tail} must be strings")
         fields[spec.tail] = tuple(tail)
     return fields
 

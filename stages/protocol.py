@@ -1,6 +1,6 @@
 """The whole ``/cuepipe/v1`` OSC address space, declared once (stdlib only, imports nothing of the project).
 
-Every address cuepipe sends or hears, with its argument names and OSC type tags, is an ``EventSpec``
+Every address cuepipe sends or hears, with its argument names and OSC type tags, is an ``MessageSpec``
 here, in four tables: ``STAGE_EVENTS`` (a Stage to its ``--report`` addresses), ``JOB_EVENTS`` (the
 launcher to TouchDesigner), ``COMMANDS`` (TouchDesigner to ``cuepipe serve``) and ``REPLIES`` (the
 daemon's answers and heartbeat). ``docs/protocol.md`` documents the same table and
@@ -25,7 +25,7 @@ PREFIX = "/cuepipe/v1"
 
 
 @dataclass(frozen=True)
-class EventSpec:
+class MessageSpec:
     """One OSC address and its fixed arguments (name, type tag), plus an optional string tail."""
 
     address: str
@@ -42,10 +42,10 @@ class EventSpec:
         return "".join(tag for _, tag in self.args)
 
 
-def spec_of(path: str, args: str, tail: str | None = None) -> EventSpec:
+def spec_of(path: str, args: str, tail: str | None = None) -> MessageSpec:
     """Build a spec from ``"name:tag name:tag"`` shorthand."""
     pairs = tuple((a.split(":")[0], a.split(":")[1]) for a in args.split())
-    return EventSpec(f"{PREFIX}/{path}", pairs, tail)
+    return MessageSpec(f"{PREFIX}/{path}", pairs, tail)
 
 
 class WarningKind(StrEnum):
@@ -61,7 +61,7 @@ STAGE_PROGRESS = spec_of("stage/progress", "stage:s fraction:f frame:i total:i f
 STAGE_DONE = spec_of("stage/done", "stage:s frames:i seconds:f", tail="outputs")
 STAGE_FAILED = spec_of("stage/failed", "stage:s kind:s message:s")
 STAGE_WARNING = spec_of("stage/warning", "stage:s kind:s message:s")
-STAGE_EVENTS: tuple[EventSpec, ...] = (STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED, STAGE_WARNING)
+STAGE_EVENTS: tuple[MessageSpec, ...] = (STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED, STAGE_WARNING)
 
 # ------------------------------------ Job Events: the launcher (cuepipe run / serve) to every report address
 # Stage Events relayed with the job id and stage index added, plus the Job's own queued / started /
@@ -79,7 +79,7 @@ JOB_DONE = spec_of("job/done", "job:s seconds:f", tail="outputs")
 JOB_FAILED = spec_of("job/failed", "job:s index:i stage:s exit_code:i kind:s message:s")
 JOB_CANCELLED = spec_of("job/cancelled", "job:s index:i stage:s")
 JOB_WARNING = spec_of("job/warning", "job:s index:i stage:s kind:s message:s")
-JOB_EVENTS: tuple[EventSpec, ...] = (
+JOB_EVENTS: tuple[MessageSpec, ...] = (
     JOB_QUEUED, JOB_STARTED, JOB_STAGE_STARTED, JOB_PROGRESS, JOB_STAGE_DONE, JOB_STAGE_FAILED,
     JOB_DONE, JOB_FAILED, JOB_CANCELLED, JOB_WARNING,
 )
@@ -107,7 +107,7 @@ CMD_LIST = spec_of("cmd/list", _HEAD)
 CMD_PING = spec_of("cmd/ping", _HEAD)
 CMD_SUBSCRIBE = spec_of("cmd/subscribe", _HEAD)
 CMD_UNSUBSCRIBE = spec_of("cmd/unsubscribe", _HEAD)
-COMMANDS: tuple[EventSpec, ...] = (
+COMMANDS: tuple[MessageSpec, ...] = (
     CMD_RUN, CMD_CANCEL, CMD_STATUS, CMD_LIST, CMD_PING, CMD_SUBSCRIBE, CMD_UNSUBSCRIBE,
 )
 
@@ -119,4 +119,4 @@ REPLY_STATUS = spec_of("reply/status", "tag:s job:s pipeline:s state:s index:i o
 REPLY_PIPELINES = spec_of("reply/pipelines", "tag:s pipelines:s")
 REPLY_PONG = spec_of("reply/pong", "tag:s uptime:f")
 HEARTBEAT = spec_of("daemon/heartbeat", "uptime:f queued:i running:i workers:s")  # to every subscriber
-REPLIES: tuple[EventSpec, ...] = (REPLY_ACK, REPLY_ERROR, REPLY_STATUS, REPLY_PIPELINES, REPLY_PONG, HEARTBEAT)
+REPLIES: tuple[MessageSpec, ...] = (REPLY_ACK, REPLY_ERROR, REPLY_STATUS, REPLY_PIPELINES, REPLY_PONG, HEARTBEAT)

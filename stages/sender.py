@@ -11,8 +11,8 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from cuepipe.stages.codec import Event, encode
-from cuepipe.stages.protocol import EventSpec
+from cuepipe.stages.codec import Message, encode
+from cuepipe.stages.protocol import MessageSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class EventSender:
                 self._sockets[family] = socket.socket(family, socket.SOCK_DGRAM)
             self._targets.append((self._sockets[family], sockaddr))
 
-    def send(self, spec: EventSpec, **fields: Any) -> None:
+    def send(self, spec: MessageSpec, **fields: Any) -> None:
         data = encode(spec, **fields)
         for i, (sock, addr) in enumerate(self._targets):
             try:
@@ -53,7 +53,7 @@ class EventSender:
                     self._warned.add(i)
                     log.warning("cannot send events to %s: %s", addr, exc)
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Message) -> None:
         self.send(event.spec, **event.fields)
 
     def close(self) -> None:

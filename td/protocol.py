@@ -39,7 +39,7 @@ _space = _load_address_space()
 
 
 class Spec(Protocol):
-    """What the TD side reads of an ``EventSpec`` (``stages/protocol.py``): for type checking only."""
+    """What the TD side reads of an ``MessageSpec`` (``stages/protocol.py``): for type checking only."""
 
     @property
     def address(self) -> str: ...

@@ -21,7 +21,7 @@ import pytest
 from cuepipe.orchestrator.daemon import Daemon, DaemonConfig
 from cuepipe.orchestrator.job import JobState
 from cuepipe.orchestrator.pipeline import parse
-from cuepipe.stages.codec import EventError, decode
+from cuepipe.stages.codec import MessageError, decode
 from cuepipe.stages.protocol import COMMANDS
 from tests.support.daemon_peer import PIPELINES, Client, Server
 from tests.support.env import subprocess_env
@@ -273,5 +273,5 @@ def test_non_loopback_bind_needs_allow_list(root: Path) -> None:
 
 
 def test_garbage_never_decodes_as_a_command() -> None:
-    with pytest.raises(EventError):
+    with pytest.raises(MessageError):
         decode(b"/cuepipe/v1/cmd/ping\x00\x00\x00\x00,s\x00\x00", COMMANDS)

@@ -19,7 +19,7 @@ from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
 from cuepipe.orchestrator.pipeline import ConfigError, apply_overrides, named_file, parse
 from cuepipe.orchestrator.scheduler import JobRefused, Refusal, Scheduler
 from cuepipe.stages import load
-from cuepipe.stages.codec import Event, decode, encode
+from cuepipe.stages.codec import Message, decode, encode
 from cuepipe.stages.protocol import CMD_PING, CMD_RUN, JOB_EVENTS, REPLIES
 from cuepipe.stages.stage import StageError
 from tests.support.daemon_peer import PIPELINES, Client, Server
@@ -101,7 +101,7 @@ def peer() -> Iterator[socket.socket]:
     sock.close()
 
 
-def _reply(sock: socket.socket) -> Event:
+def _reply(sock: socket.socket) -> Message:
     data, _ = sock.recvfrom(65536)
     (event,) = decode(data, REPLIES + JOB_EVENTS)
     return event

@@ -15,7 +15,7 @@ import pytest
 
 from cuepipe.stages import preprocess
 from cuepipe.stages.errors import ErrorKind
-from cuepipe.stages.protocol import EventSpec
+from cuepipe.stages.protocol import MessageSpec
 from cuepipe.stages.stage import StageError, StageEvents
 from cuepipe.stages.video import Codec, VideoWriter, has_audio, probe
 from tests.support.video import (
@@ -273,7 +273,7 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
-    def send(self, spec: EventSpec, **fields: Any) -> None:
+    def send(self, spec: MessageSpec, **fields: Any) -> None:
         self.sent.append((spec.name, fields))
 
 

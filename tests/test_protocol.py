@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from cuepipe.orchestrator.scheduler import Refusal
-from cuepipe.stages.codec import EventError, decode, encode
+from cuepipe.stages.codec import MessageError, decode, encode
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.protocol import (
     CMD_RUN,
@@ -27,7 +27,7 @@ from cuepipe.stages.protocol import (
     STAGE_EVENTS,
     STAGE_PROGRESS,
     STAGE_WARNING,
-    EventSpec,
+    MessageSpec,
     WarningKind,
 )
 from tests.support.env import ROOT
@@ -61,7 +61,7 @@ CMD_RUN_PACKET = (
     b"/takes/t1.mp4\x00\x00\x00\x00\x00\x00\nmatting.ratio=0.5\x00\x00\x00"
 )
 
-CASES: list[tuple[bytes, EventSpec, dict[str, object]]] = [
+CASES: list[tuple[bytes, MessageSpec, dict[str, object]]] = [
     (STAGE_PROGRESS_PACKET, STAGE_PROGRESS,
      {"stage": "preprocess", "fraction": 0.5, "frame": 24, "total": 48, "fps": 61.25}),
     (STAGE_DONE_PACKET, STAGE_DONE,
@@ -85,12 +85,12 @@ ALL = STAGE_EVENTS + JOB_EVENTS + COMMANDS + REPLIES
 
 
 @pytest.mark.parametrize(("packet", "spec", "fields"), CASES, ids=[c[1].name for c in CASES])
-def test_encode_matches_fixed_packet(packet: bytes, spec: EventSpec, fields: dict[str, object]) -> None:
+def test_encode_matches_fixed_packet(packet: bytes, spec: MessageSpec, fields: dict[str, object]) -> None:
     assert encode(spec, **fields) == packet
 
 
 @pytest.mark.parametrize(("packet", "spec", "fields"), CASES, ids=[c[1].name for c in CASES])
-def test_decode_fixed_packet(packet: bytes, spec: EventSpec, fields: dict[str, object]) -> None:
+def test_decode_fixed_packet(packet: bytes, spec: MessageSpec, fields: dict[str, object]) -> None:
     [event] = decode(packet, ALL)
     assert event.spec is spec
     assert dict(event.fields) == fields
@@ -112,18 +112,18 @@ def test_decode_bundle() -> None:
     b"/cuepipe/v1/stage/failed\x00\x00\x00\x00,iss\x00\x00\x00\x00\x00\x01y\x00\x00\x00z\x00\x00\x00",  # wrong type
 ])
 def test_malformed_packets_raise_event_error_only(packet: bytes) -> None:
-    with pytest.raises(EventError):
+    with pytest.raises(MessageError):
         decode(packet, ALL)
 
 
 def test_encode_rejects_wrong_arguments() -> None:
-    with pytest.raises(EventError, match="missing argument 'fps'"):
+    with pytest.raises(MessageError, match="missing argument 'fps'"):
         encode(STAGE_PROGRESS, stage="x", fraction=0.5, frame=1, total=2)
-    with pytest.raises(EventError, match="must be i"):
+    with pytest.raises(MessageError, match="must be i"):
         encode(STAGE_PROGRESS, stage="x", fraction=0.5, frame="1", total=2, fps=1.0)
-    with pytest.raises(EventError, match="unknown argument"):
+    with pytest.raises(MessageError, match="unknown argument"):
         encode(STAGE_PROGRESS, stage="x", fraction=0.5, frame=1, total=2, fps=1.0, extra=3)
-    with pytest.raises(EventError, match="int32"):
+    with pytest.raises(MessageError, match="int32"):
         encode(STAGE_PROGRESS, stage="x", fraction=0.5, frame=2**40, total=2, fps=1.0)
 
 

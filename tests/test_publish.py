@@ -22,7 +22,7 @@ import pytest
 from cuepipe.orchestrator.foreground import run_job
 from cuepipe.orchestrator.job import PublishError, publish_all
 from cuepipe.orchestrator.pipeline import load_file
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import EXIT_FAILED
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
@@ -167,15 +167,15 @@ def workspace(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _run(workspace: Path, out: Path) -> tuple[int, list[Event]]:
+def _run(workspace: Path, out: Path) -> tuple[int, list[Message]]:
     """``cuepipe run three clip.txt`` in this process; returns its exit code and every Event."""
-    events: list[Event] = []
+    events: list[Message] = []
     code, _ = run_job(load_file(workspace / "pipelines.toml"), "three", workspace / "clip.txt", [], out=out,
                       json_lines=True, extra_sink=events.append)
     return code, events
 
 
-def _terminal(events: list[Event]) -> Event:
+def _terminal(events: list[Message]) -> Message:
     ends = [e for e in events if e.spec.name in TERMINAL]
     assert len(ends) == 1, f"expected exactly one terminal Event, got {[e.spec.name for e in events]}"
     return ends[0]

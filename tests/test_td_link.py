@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cuepipe.stages.codec import Event, decode, encode
+from cuepipe.stages.codec import Message, decode, encode
 from cuepipe.stages.protocol import (
     COMMANDS,
     HEARTBEAT,
@@ -28,7 +28,7 @@ from cuepipe.stages.protocol import (
     REPLY_ERROR,
     REPLY_PIPELINES,
     REPLY_STATUS,
-    EventSpec,
+    MessageSpec,
 )
 from cuepipe.td.extension import CuepipeExt
 from tests.support.env import subprocess_env
@@ -43,7 +43,7 @@ class FakeDaemon:
         self.sock.settimeout(5)
         self.port: int = self.sock.getsockname()[1]
 
-    def command(self) -> Event:
+    def command(self) -> Message:
         data, _ = self.sock.recvfrom(65536)
         (event,) = decode(data, COMMANDS)
         return event
@@ -58,7 +58,7 @@ class FakeDaemon:
             self.sock.settimeout(5)
         return False
 
-    def send(self, port: int, spec: EventSpec, **fields: Any) -> None:
+    def send(self, port: int, spec: MessageSpec, **fields: Any) -> None:
         self.sock.sendto(encode(spec, **fields), ("127.0.0.1", port))
 
     def close(self) -> None:

@@ -52,7 +52,7 @@ def _values(specs: Any) -> Any:
     (protocol.JOB_DONE, shared.JOB_DONE, {"job": "j", "seconds": 1.5, "outputs": ("/a/ü.mov", "/b.mov")}),
     (protocol.CMD_PING, shared.CMD_PING, {"tag": "", "reply_port": 0}),
 ])
-def test_encode_is_byte_identical_to_python_osc(mine: protocol.Spec, real: shared.EventSpec,
+def test_encode_is_byte_identical_to_python_osc(mine: protocol.Spec, real: shared.MessageSpec,
                                                 fields: dict[str, object]) -> None:
     data = protocol.encode(mine, **fields)
     assert data == codec.encode(real, **fields)

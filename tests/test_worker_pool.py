@@ -16,7 +16,7 @@ import pytest
 from cuepipe.orchestrator.job import Job, JobState
 from cuepipe.orchestrator.pipeline import parse
 from cuepipe.orchestrator.worker_pool import WorkerPool
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from tests.support.pipelines import pipelines_toml, step
 
 TOML = pipelines_toml(
@@ -37,7 +37,7 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def run_job(tmp_path: Path, pipeline, pool: WorkerPool, cancel: threading.Event | None = None):  # type: ignore[no-untyped-def]
-    events: list[Event] = []
+    events: list[Message] = []
     result = Job(pipeline, tmp_path / "clip.txt", events.append, pool=pool, cancel=cancel).run()
     started = [e for e in events if e.spec.name == "job/stage_started"]
     return result, started, events
@@ -71,7 +71,7 @@ def test_crashed_worker_is_replaced_with_backoff(setup) -> None:  # type: ignore
     assert result.state is JobState.DONE and started[0]["pid"] != victim
     # dying mid-job: the job fails as crashed, the crash is counted, the next worker waits a backoff
     cancel = threading.Event()
-    job_thread_events: list[Event] = []
+    job_thread_events: list[Message] = []
     job = Job(pipelines.pipelines["hang"], tmp_path / "clip.txt", job_thread_events.append, pool=pool, cancel=cancel)
     holder: list = []
     t = threading.Thread(target=lambda: holder.append(job.run()))
@@ -95,7 +95,7 @@ def test_crashed_worker_is_replaced_with_backoff(setup) -> None:  # type: ignore
 def test_cancel_kills_the_resident_worker(setup) -> None:  # type: ignore[no-untyped-def]
     tmp_path, pipelines, pool = setup
     cancel = threading.Event()
-    events: list[Event] = []
+    events: list[Message] = []
     job = Job(pipelines.pipelines["hang"], tmp_path / "clip.txt", events.append, pool=pool, cancel=cancel)
     threading.Timer(1.0, cancel.set).start()
     result = job.run()
@@ -111,7 +111,7 @@ def test_each_job_on_a_resident_worker_gets_its_own_log_tail(setup) -> None:  # 
     tails, pids = [], []
     for name in ("first-take.txt", "second-take.txt"):
         (tmp_path / name).write_text("pretend video")
-        events: list[Event] = []
+        events: list[Message] = []
         result = Job(pipelines.pipelines["fail"], tmp_path / name, events.append, pool=pool).run()
         assert result.state is JobState.FAILED and result.kind is not None and result.kind.value == "input_invalid"
         pids.append(next(e["pid"] for e in events if e.spec.name == "job/stage_started"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from cuepipe.stages.codec import Event, decode, encode
+from cuepipe.stages.codec import Message, decode, encode
 from cuepipe.stages.protocol import COMMANDS, JOB_EVENTS, REPLIES
 from tests.support.env import subprocess_env
 from tests.support.pipelines import pipelines_toml, step
@@ -40,7 +40,7 @@ class Client:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         self.sock.bind((bind, 0))
-        self.events: list[Event] = []
+        self.events: list[Message] = []
 
     def send(self, name: str, tag: str = "t", **fields: object) -> None:
         self.sock.sendto(encode(BY_NAME[name], tag=tag, reply_port=0, **fields), self.daemon)
@@ -54,7 +54,7 @@ class Client:
                 return
             self.events.extend(decode(data, REPLIES + JOB_EVENTS))
 
-    def wait(self, name: str, timeout: float = 30, **match: object) -> Event:
+    def wait(self, name: str, timeout: float = 30, **match: object) -> Message:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for e in self.events:
@@ -69,7 +69,7 @@ class Client:
         job: str = self.wait("reply/ack", tag=tag)["job"]
         return job
 
-    def run_until_started(self, pipeline: str, input: Path, tag: str) -> tuple[str, Event]:
+    def run_until_started(self, pipeline: str, input: Path, tag: str) -> tuple[str, Message]:
         """Send ``cmd/run`` and wait until its stage runs; the job id and the stage_started Event."""
         job = self.run(pipeline, input, tag)
         return job, self.wait("job/stage_started", job=job)

@@ -6,14 +6,14 @@ import socket
 import threading
 import time
 
-from cuepipe.stages.codec import Event, EventError, decode
-from cuepipe.stages.protocol import JOB_EVENTS, STAGE_EVENTS, EventSpec
+from cuepipe.stages.codec import Message, MessageError, decode
+from cuepipe.stages.protocol import JOB_EVENTS, STAGE_EVENTS, MessageSpec
 
 
 class FakeTD:
     """Records every OSC datagram sent to it, as TouchDesigner's OSC In DAT would see them."""
 
-    def __init__(self, specs: tuple[EventSpec, ...]) -> None:
+    def __init__(self, specs: tuple[MessageSpec, ...]) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         self.sock.bind(("127.0.0.1", 0))
@@ -21,7 +21,7 @@ class FakeTD:
         self.port: int = self.sock.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
         self.specs = specs
-        self.events: list[Event] = []
+        self.events: list[Message] = []
         self.raw: list[bytes] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -39,13 +39,13 @@ class FakeTD:
             self.raw.append(data)
             try:
                 self.events.extend(decode(data, self.specs))
-            except EventError as exc:
+            except MessageError as exc:
                 self.errors.append(str(exc))
 
     def names(self) -> list[str]:
         return [e.spec.name for e in self.events]
 
-    def wait_for(self, name: str, timeout: float = 30.0) -> Event:
+    def wait_for(self, name: str, timeout: float = 30.0) -> Message:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for e in self.events:
@@ -60,5 +60,5 @@ class FakeTD:
         self.sock.close()
 
 
-def all_specs() -> tuple[EventSpec, ...]:
+def all_specs() -> tuple[MessageSpec, ...]:
     return STAGE_EVENTS + JOB_EVENTS

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from cuepipe.orchestrator.job import JobResult, JobState
 from cuepipe.orchestrator.journal import JobRecord
 from cuepipe.orchestrator.pipeline import Pipeline
-from cuepipe.stages.codec import Event
+from cuepipe.stages.codec import Message
 from cuepipe.stages.protocol import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_STARTED
 
 
@@ -39,13 +39,13 @@ class FakeRunner:
         self._outcomes: dict[str, JobState] = {}
         self._returned: set[str] = set()
 
-    def __call__(self, pipeline: Pipeline, record: JobRecord, on_event: Callable[[Event], None],
+    def __call__(self, pipeline: Pipeline, record: JobRecord, on_event: Callable[[Message], None],
                  cancel: threading.Event) -> JobResult:
         with self._cond:
             self.started.append(record.id)
             self.cancels[record.id] = cancel
             self._cond.notify_all()
-        on_event(Event(JOB_STARTED, {"job": record.id, "pipeline": pipeline.name, "input": record.input,
+        on_event(Message(JOB_STARTED, {"job": record.id, "pipeline": pipeline.name, "input": record.input,
                                      "stages": len(pipeline.stages)}))
         with self._cond:
             while record.id not in self._outcomes and not cancel.is_set():
@@ -53,11 +53,11 @@ class FakeRunner:
             state = self._outcomes.get(record.id, JobState.CANCELLED)
         if state is JobState.CANCELLED:
             self.saw_cancel.add(record.id)
-            on_event(Event(JOB_CANCELLED, {"job": record.id, "index": 0, "stage": pipeline.stages[0].name}))
+            on_event(Message(JOB_CANCELLED, {"job": record.id, "index": 0, "stage": pipeline.stages[0].name}))
         elif state is JobState.DONE:
-            on_event(Event(JOB_DONE, {"job": record.id, "seconds": 0.0, "outputs": ()}))
+            on_event(Message(JOB_DONE, {"job": record.id, "seconds": 0.0, "outputs": ()}))
         else:
-            on_event(Event(JOB_FAILED, {"job": record.id, "index": 0, "stage": pipeline.stages[0].name,
+            on_event(Message(JOB_FAILED, {"job": record.id, "index": 0, "stage": pipeline.stages[0].name,
                                         "exit_code": 3, "kind": "crashed", "message": "fake failure"}))
         with self._cond:
             self._returned.add(record.id)
