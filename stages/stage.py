@@ -316,7 +316,7 @@ def execute(
     return EXIT_OK
 
 
-class RequestError(CuepipeError, ValueError):
+class ResidentRequestError(CuepipeError, ValueError):
     """A resident Worker's request line (``serve``) is not a valid job request."""
 
     kind = ErrorKind.BAD_ARGUMENT
@@ -326,19 +326,19 @@ def parse_request(line: str) -> tuple[str, Path, Path, list[tuple[str, int]], di
     try:
         req = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise RequestError(f"not JSON: {exc}") from None
+        raise ResidentRequestError(f"not JSON: {exc}") from None
     if not isinstance(req, dict):
-        raise RequestError("a request must be a JSON object")
+        raise ResidentRequestError("a request must be a JSON object")
     job, input, output_dir = req.get("job"), req.get("input"), req.get("output_dir")
     report, params = req.get("report", []), req.get("params", {})
     if not all(isinstance(v, str) and v for v in (job, input, output_dir)):
-        raise RequestError("job, input and output_dir must be non-empty strings")
+        raise ResidentRequestError("job, input and output_dir must be non-empty strings")
     if not isinstance(report, list) or not isinstance(params, dict):
-        raise RequestError("report must be a list and params an object")
+        raise ResidentRequestError("report must be a list and params an object")
     try:
         targets = [parse_address(str(t)) for t in report]
     except ValueError as exc:
-        raise RequestError(str(exc)) from None
+        raise ResidentRequestError(str(exc)) from None
     return str(job), Path(str(input)), Path(str(output_dir)), targets, params
 
 
@@ -377,7 +377,7 @@ def serve(name: str, params: Mapping[str, Param], run: RunFunction, stdin: IO[st
             continue
         try:
             job, input, output_dir, targets, raw = parse_request(line)
-        except RequestError as exc:
+        except ResidentRequestError as exc:
             log.error("bad request: %s", exc)
             channel.write(json.dumps({"job": None, "exit": EXIT_BAD_ARGUMENT, "error": str(exc)}) + "\n")
             continue

@@ -33,6 +33,25 @@ def load(repo: str | Path, name: str = PACKAGE, fresh: bool = True) -> ModuleTyp
     return load_file(name, folder / "__init__.py", package=True)
 
 
+#: Where the stdlib-only modules td/ shares with the rest of cuepipe live: beside td/ in the repository
+#: (and in an installed cuepipe alike): the address space and the failure vocabulary.
+SHARED = Path(__file__).resolve().parent.parent / "stages"
+
+
+def shared(package: str, name: str) -> ModuleType:
+    """``stages/<name>.py`` (``protocol``, ``errors``: standard library only) as module ``<package>._<name>``.
+
+    TD's Python cannot import ``cuepipe.stages`` (python-osc and the rest are not installed there), so
+    these two files are loaded by path; one copy per package, dropped with it by a fresh ``load``.
+    """
+    key, path = f"{package}._{name}", SHARED / f"{name}.py"
+    if key in sys.modules:
+        return sys.modules[key]
+    if not path.is_file():
+        raise ImportError(f"cuepipe's shared {name} module is missing: {path} (td/ must stay beside stages/)")
+    return load_file(key, path)
+
+
 def load_file(name: str, path: Path, package: bool = False) -> ModuleType:
     """Execute the Python file ``path`` as module ``name`` (a package when ``package``), registered in
     ``sys.modules`` while it runs (dataclasses and relative imports need that), removed on failure.

@@ -16,13 +16,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import CuepipeError, ErrorKind
+
 BUNDLE_TAG = b"#bundle\0"
 _INT32 = (-(2**31), 2**31 - 1)
 _MAX_DEPTH = 8  # nested bundles deeper than this are refused (a hostile packet must not recurse far)
 
 
-class OSCError(ValueError):
+class OSCError(CuepipeError, ValueError):
     """A datagram is not valid OSC 1.0, or a value cannot be encoded with its type tag."""
+
+    kind = ErrorKind.BAD_ARGUMENT
 
 
 @dataclass(frozen=True)

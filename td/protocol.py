@@ -13,29 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any, Protocol
 
-from . import osc
-from .boot import load_file
+from . import boot, osc
+from .errors import CuepipeError, ErrorKind
 
 #: The one declaration of the address space, in the repository this ``td/`` folder belongs to.
-SOURCE = Path(__file__).resolve().parent.parent / "stages" / "protocol.py"
-
-
-def _load_address_space() -> ModuleType:
-    """``stages/protocol.py`` loaded by path, as a private submodule of this package.
-
-    Registered in ``sys.modules`` (its dataclasses need that) under this package's name, so a fresh
-    ``boot.load`` drops and reloads it together with the package.
-    """
-    if not SOURCE.is_file():
-        raise ImportError(f"the cuepipe address space is missing: {SOURCE} (td/ must stay inside the repository)")
-    return load_file(f"{__package__}._address_space", SOURCE)
-
-
-_space = _load_address_space()
+SOURCE = boot.SHARED / "protocol.py"
+_space = boot.shared(__package__, "protocol")
 
 
 class Spec(Protocol):
@@ -92,8 +77,10 @@ HEARTBEAT: Spec = _space.HEARTBEAT
 INCOMING: dict[str, Spec] = {s.address: s for s in JOB_EVENTS + REPLIES}
 
 
-class ProtocolError(ValueError):
+class ProtocolError(CuepipeError, ValueError):
     """A message has an unknown address, or arguments that do not match its spec."""
+
+    kind = ErrorKind.BAD_ARGUMENT
 
 
 def _checked(spec: Spec, name: str, tag: str, value: Any) -> Any:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
+from .errors import CuepipeError, ErrorKind
 from .protocol import new_job_id
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ IS_WINDOWS = sys.platform == "win32"
 _TD_PYTHON_VARS = ("PYTHONHOME", "PYTHONPATH")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(CuepipeError, RuntimeError):
     """A job could not be started (interpreter missing, log folder unwritable, daemon unreachable)."""
+
+    kind = ErrorKind.CRASHED
 
 
 def default_python(root: Path = REPO_ROOT, windows: bool = IS_WINDOWS) -> Path:

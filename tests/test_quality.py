@@ -194,3 +194,25 @@ def test_mypy_clean() -> None:
         pytest.skip(f"cannot link the cuepipe view for mypy here: {exc}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success" in proc.stdout and "source files" in proc.stdout  # it really checked the package
+
+
+def test_every_error_stands_under_the_one_root_with_a_kind() -> None:
+    """Each exception class the project defines derives from CuepipeError (td's included, through its
+    by-path copy of stages/errors.py) and so carries a failure kind; private control-flow ones aside."""
+    import importlib
+    import inspect
+
+    from cuepipe.stages.errors import ErrorKind
+
+    orphans, checked = [], 0
+    for name in project_modules():
+        module = importlib.import_module(name)
+        for cls_name, cls in vars(module).items():
+            if (inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == module.__name__
+                    and not cls_name.startswith("_")):
+                checked += 1
+                if not any(base.__name__ == "CuepipeError" for base in cls.__mro__):
+                    orphans.append(f"{name}.{cls_name}")
+                else:
+                    assert cls.kind.value in {k.value for k in ErrorKind}, cls_name
+    assert checked >= 25 and orphans == []
