@@ -25,10 +25,11 @@ from typing import Any
 from cuepipe.orchestrator import commands, defaults
 from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
 from cuepipe.orchestrator.pipeline import PipelineFile, describe
-from cuepipe.orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
+from cuepipe.orchestrator.refusal import JobRefused, Refusal
+from cuepipe.orchestrator.resident import WorkerPool
+from cuepipe.orchestrator.scheduler import RestartPolicy, Scheduler
 from cuepipe.orchestrator.transport import DatagramQueue, EventSocket
 from cuepipe.orchestrator.worker import ProcessRegistry, reap_leftovers
-from cuepipe.orchestrator.worker_pool import WorkerPool
 from cuepipe.stages.codec import MalformedPacket, Message, MessageError, UnknownAddress, decode, encode
 from cuepipe.stages.errors import CuepipeError, ErrorKind
 from cuepipe.stages.protocol import COMMANDS, HEARTBEAT, PREFIX, REPLY_ERROR, MessageSpec

@@ -26,9 +26,9 @@ from typing import Any
 
 from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.pipeline import Pipeline, Step
+from cuepipe.orchestrator.resident import ResidentTask, WorkerPool
 from cuepipe.orchestrator.transport import EventSocket
 from cuepipe.orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
-from cuepipe.orchestrator.worker_pool import ResidentTask, WorkerPool
 from cuepipe.stages import STAGES
 from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import CuepipeError, ErrorKind

@@ -22,9 +22,10 @@ from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.job import Job, JobResult, JobState
 from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
 from cuepipe.orchestrator.pipeline import ConfigError, Pipeline, PipelineFile, resolve_request
-from cuepipe.orchestrator.worker_pool import WorkerPool
+from cuepipe.orchestrator.refusal import JobRefused, Refusal, refusal_of
+from cuepipe.orchestrator.resident import WorkerPool
 from cuepipe.stages.codec import Message
-from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.errors import CuepipeError
 from cuepipe.stages.protocol import JOB_CANCELLED, JOB_QUEUED, new_job_id
 
 log = logging.getLogger(__name__)
@@ -34,36 +35,6 @@ Sink = Callable[[Message, JobRecord], None]
 #: called on the job's own thread, sends the job's Events to ``on_event`` and stops when ``cancel`` is set.
 #: The default builds a real ``Job`` (stage processes); tests inject one that runs in memory.
 JobRunner = Callable[[Pipeline, JobRecord, Callable[[Message], None], threading.Event], JobResult]
-
-
-class Refusal(StrEnum):
-    """Why a Command was refused: the ``reason`` of ``reply/error`` (docs/protocol.md)."""
-
-    UNKNOWN_COMMAND = "unknown_command"
-    BAD_ARGUMENTS = "bad_arguments"
-    UNKNOWN_PIPELINE = "unknown_pipeline"
-    INPUT_MISSING = "input_missing"
-    MODEL_MISSING = "model_missing"
-    NOT_ALLOWED = "not_allowed"
-    QUEUE_FULL = "queue_full"
-    UNKNOWN_JOB = "unknown_job"
-    UNAVAILABLE = "unavailable"  # the daemon cannot take jobs now (stopping, or its journal cannot be written)
-
-
-#: How a failed request resolution (``resolve_request``) is refused; any other kind is bad_arguments.
-_REFUSALS = {ErrorKind.UNKNOWN_PIPELINE: Refusal.UNKNOWN_PIPELINE, ErrorKind.NOT_ALLOWED: Refusal.NOT_ALLOWED,
-             ErrorKind.MODEL_MISSING: Refusal.MODEL_MISSING, ErrorKind.MODEL_INVALID: Refusal.MODEL_MISSING,
-             ErrorKind.INPUT_MISSING: Refusal.INPUT_MISSING}
-
-
-class JobRefused(CuepipeError):
-    """A Command is refused; ``reason`` is what the client gets in ``reply/error``."""
-
-    kind = ErrorKind.BAD_ARGUMENT
-
-    def __init__(self, reason: Refusal, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class RestartPolicy(StrEnum):
@@ -145,7 +116,7 @@ class Scheduler:
         try:
             return resolve_request(self.pipelines, name, sets, input, self.roots)
         except CuepipeError as exc:
-            raise JobRefused(_REFUSALS.get(exc.kind, Refusal.BAD_ARGUMENTS), str(exc)) from None
+            raise JobRefused(refusal_of(exc.kind), str(exc)) from None
 
     def submit(self, pipeline: str, input: str, sets: Sequence[str] = (), priority: int = 0, tag: str = "",
                reply_to: tuple[str, int] | None = None) -> JobRecord:

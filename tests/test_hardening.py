@@ -17,7 +17,8 @@ from cuepipe.orchestrator.cli import main as cli_main
 from cuepipe.orchestrator.daemon import Daemon, DaemonConfig
 from cuepipe.orchestrator.journal import JobRecord, Journal, JournalError
 from cuepipe.orchestrator.pipeline import ConfigError, apply_overrides, named_file, parse
-from cuepipe.orchestrator.scheduler import JobRefused, Refusal, Scheduler
+from cuepipe.orchestrator.refusal import JobRefused, Refusal
+from cuepipe.orchestrator.scheduler import Scheduler
 from cuepipe.stages import load
 from cuepipe.stages.codec import Message, decode, encode
 from cuepipe.stages.protocol import CMD_PING, CMD_RUN, JOB_EVENTS, REPLIES

@@ -97,7 +97,7 @@ def test_resident_worker_tree_dies_with_a_killed_daemon(tmp_path: Path) -> None:
     daemon = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from orchestrator.worker_pool import WorkerPool\n"
+        "from cuepipe.orchestrator.resident import WorkerPool\n"
         "pool = WorkerPool(Path(sys.argv[1]))\n"
         "resident = pool.lease('misbehaving')\n"
         "assert resident.submit('j1', Path(sys.argv[2]), Path(sys.argv[3]), 9,\n"

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from cuepipe.orchestrator.scheduler import Refusal
+from cuepipe.orchestrator.refusal import Refusal
 from cuepipe.stages.codec import MessageError, decode, encode
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.protocol import (

@@ -11,7 +11,8 @@ import pytest
 from cuepipe.orchestrator.job import JobResult, JobState
 from cuepipe.orchestrator.journal import JobRecord, Journal
 from cuepipe.orchestrator.pipeline import ConfigError, parse, under_roots
-from cuepipe.orchestrator.scheduler import JobRefused, Refusal, RestartPolicy, Scheduler
+from cuepipe.orchestrator.refusal import JobRefused, Refusal
+from cuepipe.orchestrator.scheduler import RestartPolicy, Scheduler
 from tests.support.fakes import FakeClock, FakeRunner, settle
 from tests.support.pipelines import pipelines_toml, step
 

@@ -15,7 +15,7 @@ import pytest
 
 from cuepipe.orchestrator.job import Job, JobState
 from cuepipe.orchestrator.pipeline import parse
-from cuepipe.orchestrator.worker_pool import WorkerPool
+from cuepipe.orchestrator.resident import WorkerPool
 from cuepipe.stages.codec import Message
 from tests.support.pipelines import pipelines_toml, step
 
