@@ -11,6 +11,7 @@ counted and logged; none of them can stop the loop.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -41,6 +42,14 @@ _MAX_PORT = 65535
 _PROCESSES = "processes"  # under --state: the stage processes running now (orchestrator.worker.ProcessRegistry)
 
 
+def _reply_to(peer: tuple[str, int], port: int) -> tuple[str, int] | None:
+    """Where a Command's reply goes: its reply port on the sender's host (0: the datagram's source
+    port); None for a port outside 0..65535."""
+    if not 0 <= port <= _MAX_PORT:
+        return None
+    return peer[0], port or peer[1]
+
+
 def _readable_head(exc: MessageError, peer: tuple[str, int]) -> tuple[str, str, tuple[str, int]]:
     """From a Command that could not be decoded, what can still be read: its tag, its command name
     and where to reply (its reply port when that is a valid one, else the sender's port)."""
@@ -48,7 +57,7 @@ def _readable_head(exc: MessageError, peer: tuple[str, int]) -> tuple[str, str, 
     tag = params[0] if params and isinstance(params[0], str) else ""
     port = params[1] if len(params) > 1 and isinstance(params[1], int) and not isinstance(params[1], bool) else 0
     command = exc.address.removeprefix(PREFIX + "/")
-    return tag, command, (peer[0], port if 0 < port <= _MAX_PORT else peer[1])
+    return tag, command, _reply_to(peer, port) or peer
 
 
 class DaemonError(CuepipeError):
@@ -103,35 +112,29 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self.subscribers: frozenset[tuple[str, int]] = frozenset()  # replaced, never mutated: job threads read it
         self.socket = EventSocket(COMMANDS, config.host, config.port, peers=config.allow or None)
-        try:
-            self.journal = Journal(config.state_dir / "journal.sqlite3")
-            # Stage processes a previous daemon left when it was killed hard (their parent watch stops
-            # them within seconds; this is for any that could not notice): killed before anything starts.
-            leftovers = reap_leftovers(config.state_dir / _PROCESSES)
-            if leftovers:
-                log.warning("killed %d stage process(es) left by the previous daemon: %s", len(leftovers),
-                            leftovers)
-            self.pool = WorkerPool(config.state_dir / "workers", max_jobs=config.worker_max_jobs,
-                                   max_rss=config.worker_max_rss,
-                                   registry=ProcessRegistry(config.state_dir / _PROCESSES))
-        except (JournalError, OSError) as exc:  # one clear sentence, not a traceback
-            if "journal" in vars(self):
-                self.journal.close()
-            self.socket.close()
-            raise DaemonError(f"cannot start: {exc}") from None
-        try:
-            self.scheduler = Scheduler(pipelines, self.journal, self._job_event,
-                                       config.slots or defaults.SLOTS, config.roots or (Path.cwd(),),
-                                       config.max_queue, config.policy, pool=self.pool)
-            for stage in config.warm:
-                self.pool.warm(stage)
-        except BaseException as exc:
-            self.pool.stop()
-            self.journal.close()
-            self.socket.close()
-            if isinstance(exc, JournalError):  # e.g. recovery could not journal its decisions
+        with contextlib.ExitStack() as undo:  # a failed start closes what it opened, in reverse order
+            undo.callback(self.socket.close)
+            try:
+                self.journal = Journal(config.state_dir / "journal.sqlite3")
+                undo.callback(self.journal.close)
+                # Stage processes a previous daemon left when it was killed hard (their parent watch stops
+                # them within seconds; this is for any that could not notice): killed before anything starts.
+                leftovers = reap_leftovers(config.state_dir / _PROCESSES)
+                if leftovers:
+                    log.warning("killed %d stage process(es) left by the previous daemon: %s", len(leftovers),
+                                leftovers)
+                self.pool = WorkerPool(config.state_dir / "workers", max_jobs=config.worker_max_jobs,
+                                       max_rss=config.worker_max_rss,
+                                       registry=ProcessRegistry(config.state_dir / _PROCESSES))
+                undo.callback(self.pool.stop)
+                self.scheduler = Scheduler(pipelines, self.journal, self._job_event,
+                                           config.slots or defaults.SLOTS, config.roots or (Path.cwd(),),
+                                           config.max_queue, config.policy, pool=self.pool)
+                for stage in config.warm:
+                    self.pool.warm(stage)
+            except (JournalError, OSError) as exc:  # one clear sentence, not a traceback
                 raise DaemonError(f"cannot start: {exc}") from None
-            raise
+            undo.pop_all()
         self._pipelines_json = json.dumps(describe(pipelines), separators=(",", ":"))
 
     # --- the commands.Context protocol ---------------------------------------------------------
@@ -205,12 +208,12 @@ class Daemon:
         for event in events:
             self.counters["commands"] += 1
             tag, command = event["tag"], event.spec.name
-            if not 0 <= event["reply_port"] <= _MAX_PORT:
+            reply_to = _reply_to(peer, event["reply_port"])
+            if reply_to is None:
                 self.counters["bad_arguments"] += 1
                 self._refuse(peer, tag, command, Refusal.BAD_ARGUMENTS,
                              f"reply_port must be 0 (the sender's port) or 1..{_MAX_PORT}, got {event['reply_port']}")
                 continue
-            reply_to = (peer[0], event["reply_port"] or peer[1])
             try:
                 replies = commands.TABLE[event.spec.address](self, event, reply_to)
             except JobRefused as exc:
