@@ -139,8 +139,7 @@ class Scheduler:
                 raise JobRefused(Refusal.UNAVAILABLE, f"{exc}; no new jobs are accepted until it can be written"
                                  ) from None
             self._records[record.id] = record
-        self.sink(Message(JOB_QUEUED, {"job": record.id, "pipeline": pipeline, "input": record.input,
-                                     "priority": priority}), record)
+        self.sink(_queued(record), record)
         self.dispatch()
         return record
 
@@ -222,7 +221,7 @@ class Scheduler:
             log.exception("job %s crashed the scheduler thread", record.id)
             state, outputs, message = JobState.FAILED, (), f"internal error: {exc}"
         with self._lock:
-            if self._stopping and state is JobState.CANCELLED and record.id not in self._cancelled:
+            if state is JobState.CANCELLED and self._stopped_by_daemon(record):
                 if self.policy is RestartPolicy.REQUEUE:  # a graceful stop of the daemon, not a cancel
                     state, message = JobState.QUEUED, "re-queued: the daemon was stopped while this job was running"
                     record.index, record.overall = -1, 0.0
@@ -239,6 +238,10 @@ class Scheduler:
         if again:
             self._restart(record)
         self.dispatch()
+
+    def _stopped_by_daemon(self, record: JobRecord) -> bool:
+        """Whether a running job is being stopped by the daemon's graceful stop, not by a cancel Command."""
+        return self._stopping and record.id not in self._cancelled
 
     def _save(self, record: JobRecord) -> None:
         """Journal a change of an accepted job. If the journal cannot be written, the job goes on (its
@@ -268,17 +271,14 @@ class Scheduler:
             self._save(record)
         log.warning("keep_running pipeline %s failed (job %s); restarting as %s", failed.pipeline, failed.id,
                     record.id)
-        self.sink(Message(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
-                                     "priority": record.priority}), record)
+        self.sink(_queued(record), record)
 
     def _on_event(self, record: JobRecord, event: Message) -> None:
         name = event.spec.name
-        if (name == "job/cancelled" and self._stopping and self.policy is RestartPolicy.REQUEUE
-                and record.id not in self._cancelled):
+        if name == "job/cancelled" and self._stopped_by_daemon(record) and self.policy is RestartPolicy.REQUEUE:
             # Stopped by the daemon's own graceful stop: the job is not over, it runs again at the next
             # start, so its one terminal Event is still to come. Tell the client it waits again.
-            event = Message(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
-                                       "priority": record.priority})
+            event = _queued(record)
             name = event.spec.name
         with self._lock:
             if name == "job/stage_started":
@@ -299,3 +299,9 @@ class Scheduler:
             cancel.set()
         for thread, _ in running:
             thread.join(timeout)
+
+
+def _queued(record: JobRecord) -> Message:
+    """``job/queued`` for a job that waits (again) for a slot."""
+    return Message(JOB_QUEUED, {"job": record.id, "pipeline": record.pipeline, "input": record.input,
+                                "priority": record.priority})
