@@ -39,7 +39,7 @@ import psutil
 
 from cuepipe.orchestrator import defaults
 from cuepipe.stages.errors import CuepipeError, ErrorKind
-from cuepipe.stages.parentwatch import PARENT_ENV, parent_token, same_process
+from cuepipe.stages.parentwatch import PARENT_ENV, parent_token, same_creation, same_process
 
 log = logging.getLogger(__name__)
 IS_WINDOWS = sys.platform == "win32"
@@ -102,7 +102,7 @@ class ProcessRegistry:
         """Remove the record of that process (not that of a later process with the same pid)."""
         path = self.folder / f"{pid}.json"
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            if abs(float(json.loads(path.read_text(encoding="utf-8"))["created"]) - created) < 0.01:
+            if same_creation(float(json.loads(path.read_text(encoding="utf-8"))["created"]), created):
                 path.unlink()
 
 

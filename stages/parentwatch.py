@@ -53,9 +53,14 @@ def parse_token(text: str) -> tuple[int, float] | None:
         return None
 
 
+def same_creation(a: float, b: float) -> bool:
+    """Whether two recorded creation times are the same process's (psutil's clock ticks, rounded)."""
+    return abs(a - b) < 0.01
+
+
 def same_process(proc: psutil.Process, created: float) -> bool:
     """Whether ``proc`` is the process created at ``created`` (not a later one that reused its pid)."""
-    return abs(proc.create_time() - created) < 0.01
+    return same_creation(proc.create_time(), created)
 
 
 def parent_alive(pid: int, created: float) -> bool:
