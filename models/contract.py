@@ -17,6 +17,13 @@ parameters (same keys; a parameter overrides the manifest). Stdlib-only, like ``
 | ``batch`` | int >= 1 | 1 | frames per run (a model with a fixed batch dim needs exactly that) |
 | ``condition_input`` | a model input name, or empty | none | a second, conditioning image input |
 | ``condition`` | ``alpha`` / ``video`` | ``alpha`` | what feeds it: the matte, or the ``condition_video`` |
+| ``pad`` | ``zero`` / ``reflect`` | ``zero`` | how a crop is padded up to the model's size or ``multiple`` |
+| ``vector_input`` | a model input name, or empty | none | a constant 1-D weight vector (e.g. a style blend) |
+
+``vector_input`` names a float input of fixed length N fed the same vector on every frame of a job:
+non-negative weights summing to 1, set by the ``generate`` stage's ``style`` parameter and parsed by
+``parse_weights`` (``"19"`` = one entry, ``"19:0.7,7:0.3"`` = a blend, normalised). Being per job,
+not part of the contract, it can change between jobs without reloading the model.
 
 Ranges are written in brackets (``"[-1,1]"``) so that a value never starts with ``-`` on a command line.
 """
@@ -31,12 +38,13 @@ from typing import Any
 
 from cuepipe.stages.errors import CuepipeError, ErrorKind
 
-__all__ = ["CONTRACT_KEYS", "ContractError", "GeneratorContract", "parse_range", "parse_size"]
+__all__ = ["CONTRACT_KEYS", "ContractError", "GeneratorContract", "parse_range", "parse_size", "parse_weights"]
 
 LAYOUTS = ("nchw", "nhwc")
 CHANNEL_ORDERS = ("rgb", "bgr")
 DTYPES = ("float32", "float16", "uint8")
 CONDITIONS = ("alpha", "video")
+PADS = ("zero", "reflect")
 _SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
 _NAMED_RANGES = {"unit": (0.0, 1.0), "tanh": (-1.0, 1.0), "byte": (0.0, 255.0)}
 
@@ -103,6 +111,8 @@ class GeneratorContract:
     batch: int = 1
     condition_input: str | None = None
     condition: str = "alpha"
+    pad: str = "zero"
+    vector_input: str | None = None
 
     @property
     def out_range(self) -> tuple[float, float]:
@@ -123,6 +133,9 @@ class GeneratorContract:
                                 f"not {_range_text(contract.input_range)}")
         if contract.condition_input is not None and contract.condition_input == contract.input_name:
             raise ContractError("condition_input: must differ from input_name")
+        if contract.vector_input is not None and contract.vector_input in (contract.input_name,
+                                                                           contract.condition_input):
+            raise ContractError("vector_input: must differ from input_name and condition_input")
         return contract
 
     def to_mapping(self) -> dict[str, Any]:
@@ -132,15 +145,17 @@ class GeneratorContract:
                 "channels": self.channels, "input_range": _range_text(self.input_range),
                 "output_range": _range_text(self.out_range), "dtype": self.dtype, "size": size,
                 "multiple": self.multiple, "batch": self.batch, "condition_input": self.condition_input or "",
-                "condition": self.condition}
+                "condition": self.condition, "pad": self.pad, "vector_input": self.vector_input or ""}
 
     def describe(self) -> str:
         """One line: ``nhwc rgb [-1,1] -> [-1,1] float32, size dynamic (multiple of 32), batch 1``."""
         m = self.to_mapping()
         multiple = f" (multiple of {self.multiple})" if self.multiple > 1 else ""
         cond = f", condition {m['condition_input']} <- {self.condition}" if self.condition_input else ""
+        pad = f", {self.pad} padding" if self.pad != "zero" else ""
+        vector = f", weights {self.vector_input}" if self.vector_input else ""
         return (f"{self.layout} {self.channels} {m['input_range']} -> {m['output_range']} {self.dtype}, size "
-                f"{m['size']}{multiple}, batch {self.batch}{cond}")
+                f"{m['size']}{multiple}{pad}, batch {self.batch}{cond}{vector}")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -167,7 +182,7 @@ def _name(key: str, value: Any) -> str | None:
 
 
 def _parse(key: str, value: Any) -> Any:
-    if key in ("input_name", "output_name", "condition_input"):
+    if key in ("input_name", "output_name", "condition_input", "vector_input"):
         return _name(key, value)
     if key == "layout":
         return _choice(key, value, LAYOUTS)
@@ -177,11 +192,49 @@ def _parse(key: str, value: Any) -> Any:
         return _choice(key, value, DTYPES)
     if key == "condition":
         return _choice(key, value, CONDITIONS)
+    if key == "pad":
+        return _choice(key, value, PADS)
     if key in ("input_range", "output_range"):
         return parse_range(value, key)
     if key == "size":
         return parse_size(value, key)
     return _positive_int(key, value)  # multiple, batch
+
+
+def parse_weights(text: Any, size: int, key: str = "style") -> tuple[float, ...]:
+    """``"19"`` or ``"19:0.7,7:0.3"`` -> ``size`` non-negative weights summing to 1 (the blend normalised).
+
+    An index alone has weight 1; an index may appear once. ContractError (BAD_ARGUMENT) names ``key``,
+    the valid range and the syntax otherwise.
+    """
+    syntax = f"an index 0..{size - 1} or a blend like 19:0.7,7:0.3"
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str) or not text.strip():
+        raise ContractError(f"{key}: expected {syntax}, got {text!r}")
+    weights = [0.0] * size
+    seen: set[int] = set()
+    for part in text.split(","):
+        index_text, colon, weight_text = part.partition(":")
+        try:
+            index = int(index_text.strip())
+            weight = float(weight_text) if colon else 1.0  # "19:" is an error, not weight 1
+        except ValueError:
+            raise ContractError(f"{key}: {part.strip()!r} is not INDEX or INDEX:WEIGHT; expected {syntax}") from None
+        if not 0 <= index < size:
+            raise ContractError(f"{key}: index {index} is out of range: this model has {size} (0..{size - 1})")
+        if index in seen:
+            raise ContractError(f"{key}: index {index} appears twice in {text!r}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ContractError(f"{key}: weight {weight_text.strip()!r} of index {index} must be a number >= 0")
+        seen.add(index)
+        weights[index] = weight
+    top = max(weights)
+    if not top > 0:
+        raise ContractError(f"{key}: the weights in {text!r} are all zero")
+    scaled = [w / top for w in weights]  # first to at most 1, so that huge weights cannot sum to inf
+    total = sum(scaled)
+    return tuple(w / total for w in scaled)
 
 
 #: Every contract key, in the order of the module docstring's table.

@@ -18,7 +18,7 @@ from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.foreground import cancel_on_signals, load_pipelines, run_job
 from cuepipe.orchestrator.job import JobState
 from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
-from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK
+from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK, CuepipeError
 from cuepipe.stages.protocol import JOB_ID
 from cuepipe.stages.sender import parse_address
 
@@ -152,6 +152,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     return models_command(list(args.rest))
 
 
+def cmd_styles(args: argparse.Namespace) -> int:
+    """Every style of a model with styles (multistyle26) on one picture, as a PNG (they have no names)."""
+    from cuepipe.stages.contactsheet import write_png
+    from cuepipe.stages.democlip import render_frames
+    from cuepipe.stages.generate import style_sheet
+    from cuepipe.stages.video import VideoReader
+
+    try:
+        if args.image is None:
+            image = next(render_frames(640, 360, 1, seed=3))[0]
+        else:
+            with VideoReader(args.image) as reader:  # a picture, a video or an image folder: its first frame
+                image = next(iter(reader))
+        print(write_png(args.out, style_sheet(args.model, image)))
+    except CuepipeError as exc:  # a model without styles or missing (bad_argument / model_missing), no picture
+        print(f"cuepipe styles: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENT
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cuepipe", description="Run video ML pipelines as supervised stages.")
     parser.add_argument("--pipelines", type=Path, help="pipelines file (default: $CUEPIPE_PIPELINES, "
@@ -212,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--report", action="append", default=[], type=_address, metavar="HOST:PORT")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    sty = sub.add_parser("styles", help="render every style of a model (multistyle26) on one picture, to choose one")
+    sty.add_argument("model", metavar="MODEL", help="a model with styles (cuepipe models list shows which)")
+    sty.add_argument("--image", type=Path, metavar="PATH",
+                     help="a picture or a video (its first frame); default: the demo figure")
+    sty.add_argument("--out", type=Path, default=Path("styles.png"), metavar="PNG", help="default: styles.png")
+    sty.set_defaults(func=cmd_styles)
 
     mdl = sub.add_parser("models", help="list | fetch NAME [NAME ...] | verify: the ONNX model manifest",
                          add_help=False)

@@ -184,14 +184,15 @@ _PALETTES: dict[str, list[Color]] = {  # BGR
 
 
 def render_frames(
-    width: int, height: int, frames: int, seed: int = 0, background_only: bool = False
+    width: int, height: int, frames: int, seed: int = 0, background_only: bool = False, still: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (BGR uint8 HxWx3 frame, uint8 HxW ground-truth alpha) per frame.
 
     Deterministic for a given seed. With ``background_only`` the frames hold
     only the (static) background and the masks are all zeros. Motion is defined
-    per frame index (nominal 24 fps); any size works here, but ``write_clip``
-    needs even dimensions.
+    per frame index (nominal 24 fps); ``still`` holds the figure in its first
+    pose (only the sensor noise changes: a flicker test). Any size works here, but
+    ``write_clip`` needs even dimensions.
     """
     rng = np.random.default_rng(seed)
     pal = {k: v[int(rng.integers(len(v)))] for k, v in _PALETTES.items()}
@@ -205,7 +206,7 @@ def render_frames(
         frame = bg.copy()
         mask = np.zeros((height, width), np.uint8)
         if not background_only:
-            t = i / 24.0
+            t = 0.0 if still else i / 24.0
             cx = width * (0.5 + amp * math.sin(0.9 * t + phase0))
             top = height * 0.3 + 0.06 * s * abs(math.sin(3.0 * t))
             lean = 0.05 * math.sin(1.3 * t + phase0)
@@ -230,6 +231,7 @@ def write_clip(
     fps: float = 24.0,
     seed: int = 0,
     background_only: bool = False,
+    still: bool = False,
 ) -> None:
     """Write the clip as H.264 mp4 and (optionally) the exact mask as lossless FFV1 mkv.
 
@@ -260,7 +262,7 @@ def write_clip(
         )  # fmt: skip
         writer_m.send(None)
     try:
-        for frame, mask in render_frames(width, height, frames, seed, background_only):
+        for frame, mask in render_frames(width, height, frames, seed, background_only, still):
             clip.send(np.ascontiguousarray(frame))
             if writer_m is not None:
                 writer_m.send(np.ascontiguousarray(mask))

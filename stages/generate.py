@@ -1,11 +1,15 @@
 """The ``generate`` stage: any image-to-image ONNX generator, frame by frame, on the person or the frame.
 
-    python -m cuepipe.stages.generate --input matte_rgba.mkv --output-dir out/ --report 127.0.0.1:7000 \\
+    python -m cuepipe.stages.generate --input source_rgba.mkv --output-dir out/ --report 127.0.0.1:7000 \\
+        --model multistyle26 --style 19:0.7,7:0.3 --mode person --smoothing 0.5 --outputs video,rgba
+
+    python -m cuepipe.stages.generate --input matte_rgba.mkv --output-dir out/ \\
         --model models/weights/AnimeGANv2_Hayao.onnx --layout nhwc --channels rgb \\
         --input-range '[-1,1]' --size dynamic --multiple 32 --mode person --smoothing 0.3
 
-The input is a video or image folder, ideally with alpha: the ``matting`` stage's ``rgba`` output
-(``matte_rgba.mkv``, BGRA lossless). ``mode``: ``person`` crops to the box around ``alpha >
+The input is a video or image folder, ideally with alpha: the ``matting`` stage's ``source_rgba``
+output (``source_rgba.mkv``: the source picture with the matte, BGRA lossless), or its ``rgba`` one
+(RVM's foreground, black outside the person). ``mode``: ``person`` crops to the box around ``alpha >
 threshold`` (plus ``margin``), generates there and puts the result back only where alpha > 0, so
 every pixel outside the alpha keeps the input's exact colour (frames without a person pass through);
 ``frame`` generates the whole frame; ``auto`` (default) is ``person`` when the input has alpha.
@@ -16,6 +20,19 @@ parameters below override it, or declare it for a plain ``.onnx`` path. It is ch
 model's real inputs and outputs before the first frame (``model_invalid`` on a mismatch, naming both).
 ``docs/models.md`` shows how to plug in a public generator such as AnimeGANv2.
 
+``style``: for a model whose contract has a ``vector_input`` (``multistyle26``: 26 styles), an
+index (``19``) or a blend (``19:0.7,7:0.3``, weights normalised); unset: style 0. It is fed per job,
+so a resident worker changes style without reloading the model. ``cuepipe models list`` shows each
+model's range of styles; ``cuepipe styles multistyle26 --image frame.png`` renders them all on a
+picture (``style_sheet``; they have numbers, not names).
+
+Steadiness (``stages/steady.py``; style transfer amplifies frame-to-frame noise: ``bench/flicker.py``):
+``hold_box`` keeps the person's crop fixed while the person stays inside it, ``scale`` fixes the size
+the crop is styled at for the whole job (``max_side`` instead rescales per frame as the box
+changes), ``denoise`` averages the model's input over time and ``smoothing`` its output, both only
+where the input is still: a change of ``motion`` levels or more counts as motion and is taken at
+once, so a moving arm leaves no trail (``motion = 0``: ``smoothing`` is a plain average).
+
 ``outputs`` (comma-separated; the FIRST is the next stage's input):
 
 | name | file | what |
@@ -24,8 +41,10 @@ model's real inputs and outputs before the first frame (``model_invalid`` on a m
 | ``video`` | ``generated.mp4`` | the generated colours over the input frame under the alpha, H.264, input's audio |
 | ``rgba_png`` | ``generated_rgba/`` | as ``rgba``, an RGBA PNG sequence |
 
-``smoothing`` in [0, 0.95]: an exponential moving average of the generated pixels (0: off), against
-GAN flicker. ``provider``: as ``matting`` (``stages/inference.py``: auto = CUDA if available, else CPU;
+Besides them, ``contact_sheet`` > 0 writes ``contact.png`` (``stages/contactsheet.py``): that many
+frames, spread over the clip, as source / matte / result (the ``video`` output's picture).
+
+``provider``: as ``matting`` (``stages/inference.py``: auto = CUDA if available, else CPU;
 an explicit GPU provider that is missing fails with ``provider_unavailable``). Decoding (an ffmpeg
 process + the reader thread: crop, resize, tensor packing), inference and encoding run concurrently
 (``stages/framepipe.py``).
@@ -40,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.protocol import WarningKind
 from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     PROVIDER,
@@ -56,12 +76,14 @@ from cuepipe.stages.stage import (
 
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     from cuepipe.models.contract import GeneratorContract
+    from cuepipe.stages.contactsheet import ContactSheet
     from cuepipe.stages.framepipe import Sink
     from cuepipe.stages.generator import Generator
 
 log = logging.getLogger(__name__)
 
 NAME = "generate"
+CONTACT_SHEET = "contact.png"
 MODES = ("auto", "person", "frame")
 #: output name -> (file or folder name, stages.video.Codec value, channels)
 OUTPUTS: dict[str, tuple[str, str, int]] = {
@@ -82,6 +104,18 @@ PARAMS: dict[str, Param] = {
                       minimum=0),
     "smoothing": Param(float, 0.0, "temporal smoothing (EMA weight of the previous frame; 0: off)",
                        minimum=0.0, maximum=0.95),
+    "style": Param(str, None, "models with a vector_input (multistyle26): a style index, or a blend such as "
+                   "19:0.7,7:0.3 (unset: 0); see them: cuepipe styles multistyle26"),
+    "scale": Param(float, 1.0, "dynamic-size models: the crop is styled at this scale, fixed for the job",
+                   minimum=0.05, maximum=4.0),
+    "denoise": Param(float, 0.0, "temporal noise reduction of the model's input where it is still (0: off)",
+                     minimum=0.0, maximum=0.95),
+    "motion": Param(float, 12.0, "an input change of this many levels (of 255) is motion: smoothing and denoise "
+                    "hold back there, so nothing trails (0: smoothing is a plain average)", minimum=0.0,
+                    maximum=255.0),
+    "hold_box": Param(bool, True, "person mode: keep the crop while the person stays inside it (less flicker)"),
+    "contact_sheet": Param(int, 0, "frames on contact.png (source / matte / result; 0: none)", minimum=0,
+                           maximum=24),
     "provider": PROVIDER,
     "threads": Param(int, 0, "onnxruntime intra-op threads (0: one per core)", minimum=0),
     "outputs": Param(str, "rgba", f"comma-separated, first = next stage's input: {', '.join(OUTPUTS)}"),
@@ -103,6 +137,9 @@ PARAMS: dict[str, Param] = {
     "condition_input": Param(str, None, "contract: name of a second (conditioning) image input"),
     "condition": Param(str, None, "contract: what feeds condition_input: alpha (default) or video",
                        choices=("alpha", "video")),
+    "pad": Param(str, None, "contract: padding up to the model's size: zero (default) or reflect",
+                 choices=("zero", "reflect")),
+    "vector_input": Param(str, None, "contract: name of a constant weight-vector input, fed from style"),
 }
 
 
@@ -112,6 +149,9 @@ def _coerce(params: dict[str, Any]) -> dict[str, Any]:
     if not out["model"]:
         raise bad_argument("model", "required: a manifest name or an .onnx path")
     out["outputs"] = parse_outputs(out["outputs"], OUTPUTS)
+    out["style"] = out["style"] or None  # empty: unset
+    if out["denoise"] and not out["motion"]:
+        raise bad_argument("denoise", "needs a motion threshold > 0 (it averages only where the input is still)")
     return out
 
 
@@ -152,6 +192,7 @@ def _generator(path: Path, contract: GeneratorContract, opts: dict[str, Any],
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache: dict[str, Any] | None = None,
         **params: Any) -> StageResult:
     """Generate from ``input`` into ``output_dir``; see the module docstring."""
+    from cuepipe.stages.contactsheet import ContactSheet
     from cuepipe.stages.framepipe import run_frames
     from cuepipe.stages.framing import FramePass, frame_source
     from cuepipe.stages.rgba import RgbaReader
@@ -172,17 +213,32 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
                 raise bad_argument("condition_video", "the contract feeds the condition input from a video: name it")
             condition = stack.enter_context(RgbaReader(opts["condition_video"]))
         gen = _generator(model_path, contract, opts, cache)  # MODEL_INVALID here: before any output exists
+        style = opts["style"]
+        if style is not None and gen.io.vector_name is None:  # e.g. stylize switched to cuepipe_toon
+            events.warning(WarningKind.PARAMETER_IGNORED, f"style {style!r} ignored: {opts['model']} has no styles "
+                           "(its contract declares no vector_input)")
+            style = None
+        weights = gen.weights(style)  # BAD_ARGUMENT for a bad style, before any output exists
         if contract.batch > 1 and mode == "person" and gen.io.fixed_size is None:
             raise bad_argument("batch", "batch > 1 in person mode needs a fixed size (crops differ per frame): "
                                "declare size")
         w, h, fps, expected = reader.width, reader.height, reader.fps, reader.frame_count
         framer = FramePass(gen, mode, w, h, opts["threshold"], opts["margin"], opts["fit"], opts["max_side"],
-                           opts["smoothing"])
+                           opts["smoothing"], opts["scale"], opts["hold_box"], weights, opts["denoise"],
+                           opts["motion"])
         sinks = [_sink(name, input, output_dir, w, h, fps, reader.is_image_folder, stack) for name in opts["outputs"]]
+        sheet = None
+        if opts["contact_sheet"]:
+            sheet = stack.enter_context(ContactSheet(output_dir / CONTACT_SHEET, ("source", "matte", "result"),
+                                                     expected, opts["contact_sheet"]))
+            sinks.append(_sheet_sink(sheet, w, h))
         events.started(input=str(input), frames=expected, fps=fps, width=w, height=h, model=opts["model"],
                        provider=gen.provider, mode=mode, contract=contract.to_mapping(),
                        model_size="dynamic" if gen.io.fixed_size is None else "{}x{}".format(*gen.io.fixed_size),
-                       smoothing=opts["smoothing"], outputs=list(opts["outputs"]), threads=opts["threads"])
+                       smoothing=opts["smoothing"], outputs=list(opts["outputs"]), threads=opts["threads"],
+                       style=(style or "0") if weights is not None else "", scale=opts["scale"],
+                       hold_box=opts["hold_box"], denoise=opts["denoise"], motion=opts["motion"],
+                       contact_sheet=opts["contact_sheet"])
 
         def progress(n: int) -> None:
             events.progress(n, expected if n <= expected else -1)
@@ -193,8 +249,54 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
     if frames != expected:
         log.info("%d frames (the container estimated %d)", frames, expected)
         events.progress(frames, frames)
-    log.info("generated %d of %d frames (the others had no person)", framer.generated, frames)
-    return StageResult(outputs=tuple(output_dir / OUTPUTS[n][0] for n in opts["outputs"]), frames=frames)
+    log.info("generated %d of %d frames (the others had no person)%s", framer.generated, frames,
+             f"; {framer.hold.changes} person box(es)" if framer.hold is not None else "")
+    outputs = tuple(output_dir / OUTPUTS[n][0] for n in opts["outputs"])
+    if sheet is not None and sheet.path.is_file():
+        outputs += (sheet.path,)
+    return StageResult(outputs=outputs, frames=frames)
+
+
+def style_sheet(model: str, image: Any, provider: str = "cpu", max_side: int = 640, columns: int = 4) -> Any:
+    """Every style of a model with a ``vector_input`` on one BGR ``image`` (scaled to ``max_side``), as a
+    labelled grid (the original last): the styles have numbers, not names, so this is how to choose."""
+    import cv2
+    import numpy as np
+
+    from cuepipe.stages.contactsheet import grid
+    from cuepipe.stages.framing import plan
+    from cuepipe.stages.generator import Generator
+
+    path, contract = resolve_contract({"model": model})
+    gen = Generator(path, contract, provider)
+    if gen.io.vector_name is None:
+        raise bad_argument("model", f"{model} has no styles (its contract declares no vector_input)")
+    h, w = image.shape[:2]
+    s = min(1.0, max_side / max(w, h))
+    small = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    placement = plan(small.shape[1], small.shape[0], gen.io.fixed_size, contract.multiple, pad=contract.pad)
+    x, c = gen.pack(placement.to_model(small), None)
+    tiles = [(str(i), placement.from_model(gen.run([x], [c], gen.weights(str(i)))[0]))
+             for i in range(gen.io.vector_size)]
+    return grid([*tiles, ("original", np.ascontiguousarray(small))], columns, tile_height=min(180, small.shape[0]))
+
+
+def _sheet_sink(sheet: ContactSheet, width: int, height: int) -> Sink[Any]:
+    """The contact sheet as a sink: a labelled row for its frames (source / matte / result), SKIP otherwise."""
+    import numpy as np
+
+    from cuepipe.stages.blend import composite
+    from cuepipe.stages.contactsheet import SKIP
+    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.framing import Generated
+
+    out = np.empty((height, width, 3), np.uint8)
+
+    def convert(g: Generated) -> np.ndarray:
+        if not sheet.wanted(g.index):
+            return SKIP
+        return sheet.row(g.index, [g.original, g.alpha, composite(g.colour, g.alpha, g.original, out)])
+    return Sink("contact_sheet", sheet, convert)
 
 
 def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps: float, image_folder: bool,

@@ -2,7 +2,10 @@
 
     gen = Generator(model_path, contract, provider="auto")  # validated before the first frame
     x, c = gen.pack(image_bgr, alpha)                       # the model's tensors (reader thread)
-    [out_bgr] = gen.run([x], [c])                           # BGR uint8 at the model's output size
+    [out_bgr] = gen.run([x], [c], weights)                  # BGR uint8 at the model's output size
+
+``weights`` feeds the contract's ``vector_input`` (a style blend: ``gen.weights("19:0.7,7:0.3")``); it
+is an argument of ``run``, not state, so one loaded Generator serves jobs with different styles.
 
 The contract (``cuepipe.models.contract.GeneratorContract``) is checked against the model's real inputs
 and outputs when the ``Generator`` is created: names, ranks, dtypes, fixed channel / size / batch
@@ -25,7 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cuepipe.models.contract import GeneratorContract
+from cuepipe.models.contract import ContractError, GeneratorContract, parse_weights
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.stage import StageError
 
@@ -50,6 +53,8 @@ class ModelIO:
     condition_channels: int  # 1 or 3 (0 without a condition input)
     fixed_size: tuple[int, int] | None  # (width, height) the model takes, None when dynamic
     fixed_batch: int | None  # the model's own fixed batch dim, if any
+    vector_name: str | None = None  # the constant weight-vector input (contract vector_input)
+    vector_size: int = 0  # its fixed length
 
 
 def _fixed(dim: Any) -> int | None:
@@ -121,14 +126,24 @@ def check_contract(session: Any, contract: GeneratorContract, where: str) -> Mod
                           f"{_describe(ins)}; outputs {_describe(outs)}")
 
     by_name, out_by_name = {i.name: i for i in ins}, {o.name: o for o in outs}
-    cond = contract.condition_input
+    cond, vector = contract.condition_input, contract.vector_input
     if cond is not None and cond not in by_name:
         raise fail(f"the model has no input {cond!r} (condition_input)")
-    image_name = contract.input_name or next((i.name for i in ins if i.name != cond), "")
+    vector_size = 0
+    if vector is not None:
+        if vector not in by_name:
+            raise fail(f"the model has no input {vector!r} (vector_input)")
+        arg = by_name[vector]
+        vector_size = (_fixed(arg.shape[0]) or 0) if len(arg.shape) == 1 else 0
+        if not vector_size or _dtype(arg) != "float32":
+            raise fail(f"vector_input {vector!r} must be a float32 vector of fixed length, not "
+                       f"[{','.join(str(d) for d in arg.shape)}] {_dtype(arg)}")
+    image_name = contract.input_name or next((i.name for i in ins if i.name not in (cond, vector)), "")
     if image_name not in by_name:
         raise fail(f"the model has no input {image_name!r} (input_name)")
-    if extra := [n for n in by_name if n not in (image_name, cond)]:
-        raise fail(f"input(s) {extra} are not fed by the contract (declare condition_input for a second image)")
+    if extra := [n for n in by_name if n not in (image_name, cond, vector)]:
+        raise fail(f"input(s) {extra} are not fed by the contract (declare condition_input for a second image, "
+                   "vector_input for a weight vector)")
     axes = (1, 2, 3) if contract.layout == "nchw" else (3, 1, 2)  # channel, height, width
     other, other_channel_axis = ("nhwc", 3) if contract.layout == "nchw" else ("nchw", 1)
 
@@ -172,7 +187,7 @@ def check_contract(session: Any, contract: GeneratorContract, where: str) -> Mod
         ch, cw = _fixed(arg.shape[axes[1]]), _fixed(arg.shape[axes[2]])
         if fixed_size is not None and (cw not in (None, fixed_size[0]) or ch not in (None, fixed_size[1])):
             raise fail(f"condition input {cond!r} is {cw}x{ch}, the image input {fixed_size[0]}x{fixed_size[1]}")
-    return ModelIO(image_name, output_name, cond, cond_channels, fixed_size, batch)
+    return ModelIO(image_name, output_name, cond, cond_channels, fixed_size, batch, vector, vector_size)
 
 
 class Generator:
@@ -199,7 +214,7 @@ class Generator:
         x, c = self.pack(zeros, alpha)
         batch = self.contract.batch
         try:
-            out = self._run(np.stack([x] * batch), None if c is None else np.stack([c] * batch))
+            out = self._run(np.stack([x] * batch), None if c is None else np.stack([c] * batch), self.weights(None))
         except Exception as exc:  # onnxruntime's run errors share no base class (InvalidArgument, Fail, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StageError(ErrorKind.MODEL_INVALID,
@@ -223,15 +238,36 @@ class Generator:
             raise ValueError("this model needs a condition image")
         return x, self.format.pack(condition, self.io.condition_channels)
 
-    def _run(self, x: np.ndarray, c: np.ndarray | None) -> np.ndarray:
+    def weights(self, spec: str | None) -> np.ndarray | None:
+        """The ``vector_input`` feed for a ``style`` value (``models.contract.parse_weights``; None: entry 0).
+
+        None for a model without a vector input, where a given ``spec`` is a ``bad_argument``."""
+        if self.io.vector_name is None:
+            if spec is not None:
+                raise StageError(ErrorKind.BAD_ARGUMENT, f"style: {self.model_path.name} takes no style (its "
+                                 "contract declares no vector_input)")
+            return None
+        try:
+            values = parse_weights(spec if spec is not None else "0", self.io.vector_size)
+        except ContractError as exc:
+            raise StageError(ErrorKind.BAD_ARGUMENT, str(exc)) from None
+        return np.asarray(values, np.float32)
+
+    def _run(self, x: np.ndarray, c: np.ndarray | None, w: np.ndarray | None) -> np.ndarray:
         feeds = {self.io.input_name: x}
         if self.io.condition_name is not None and c is not None:
             feeds[self.io.condition_name] = c
+        if self.io.vector_name is not None:
+            if w is None:
+                raise ValueError("this model needs its weight vector (Generator.weights)")
+            feeds[self.io.vector_name] = w
         out: np.ndarray = self.session.run([self.io.output_name], feeds)[0]
         return out
 
-    def run(self, xs: list[np.ndarray], cs: list[np.ndarray | None]) -> list[np.ndarray]:
-        """Generate for up to ``batch`` packed images of one size: BGR uint8 images at the output size."""
+    def run(self, xs: list[np.ndarray], cs: list[np.ndarray | None], w: np.ndarray | None = None) -> list[np.ndarray]:
+        """Generate for up to ``batch`` packed images of one size: BGR uint8 images at the output size.
+
+        ``w``: the weight vector from ``weights`` (required when the model has a ``vector_input``)."""
         n = len(xs)
         pad = (self.io.fixed_batch or n) - n  # a fixed batch dim is filled up with the last image
         x = xs[0][None] if n == 1 and not pad else np.stack(xs + [xs[-1]] * pad)
@@ -239,5 +275,5 @@ class Generator:
         if self.io.condition_name is not None:
             conds = [a for a in cs if a is not None]
             c = conds[0][None] if n == 1 and not pad else np.stack(conds + [conds[-1]] * pad)
-        out = self._run(x, c)
+        out = self._run(x, c, w)
         return [self.format.unpack(out[i]) for i in range(n)]

@@ -1,8 +1,9 @@
-"""Frame geometry and colours, shared by ``preprocess`` and ``blend``.
+"""Frame geometry and colours, shared by ``preprocess``, ``blend`` and ``generate``.
 
 ``Fit`` (how a source of another aspect ratio fills a frame), ``Geometry`` (one frame's rotate, crop,
-resize and placement on a canvas) and colour parsing (``#rrggbb`` and the ``NAMED_COLOURS``). The
-``preprocess`` docstring says what each ``fit`` does to a clip.
+resize and placement on a canvas), ``Box`` (a rectangle of frame pixels: the person's box) and
+colour parsing (``#rrggbb`` and the ``NAMED_COLOURS``). The ``preprocess`` docstring says what each
+``fit`` does to a clip.
 
 A library, not a stage program, and cheap to import: stage ``PARAMS`` (which name ``Fit`` and
 ``BACKGROUND_WORDS``) are read by the orchestrator without running anything, so numpy and OpenCV are
@@ -105,3 +106,37 @@ class Geometry:
         canvas[:] = self.pad_bgr
         canvas[iy : iy + ih, ix : ix + iw] = frame
         return canvas
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle in frame pixels: x0 <= x < x1, y0 <= y < y1."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """``image[box.slices]`` is the crop."""
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+    @property
+    def area(self) -> int:
+        return self.width * self.height
+
+    def contains(self, other: Box) -> bool:
+        return self.x0 <= other.x0 and self.y0 <= other.y0 and other.x1 <= self.x1 and other.y1 <= self.y1
+
+    def intersect(self, other: Box) -> Box | None:
+        x0, y0, x1, y1 = max(self.x0, other.x0), max(self.y0, other.y0), min(self.x1, other.x1), min(self.y1, other.y1)
+        return Box(x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None

@@ -12,8 +12,12 @@
 | ``composite`` | ``composite.mp4`` | foreground over ``background``, H.264, with the input's audio |
 | ``rgba`` | ``matte_rgba.mkv`` | foreground + alpha, BGRA, lossless Ut Video: for later stages |
 | ``rgba_png`` | ``rgba/`` | foreground + alpha as an RGBA PNG sequence (lossless) |
+| ``source_rgba`` | ``source_rgba.mkv`` | the input's own pixels + alpha, BGRA, lossless Ut Video, audio |
 | ``hap_alpha`` | ``matte.mov`` | HAP Alpha (TouchDesigner decodes it on the GPU) |
 | ``prores4444`` | ``matte_prores.mov`` | ProRes 4444 with alpha |
+
+``source_rgba`` is the whole picture with its matte: ``generate`` restyles the person in it and
+keeps the rest byte for byte (the ``stylize`` pipeline).
 
 ``background`` is ``#rrggbb``, an image or a video file (``cuepipe.stages.blend.parse_background``).
 Every output has the input's frame count, frame rate and size. ``ratio`` is RVM's downsample
@@ -64,7 +68,7 @@ log = logging.getLogger(__name__)
 
 NAME = "matting"
 SUBJECTS = ("portrait", "full_body")
-AUDIO_OUTPUTS = ("composite", "rgba")
+AUDIO_OUTPUTS = ("composite", "rgba", "source_rgba")
 #: output name -> (file or folder name, stages.video.Codec value, channels)
 OUTPUTS: dict[str, tuple[str, str, int]] = {
     "alpha": ("alpha.mp4", "h264", 1),
@@ -74,7 +78,9 @@ OUTPUTS: dict[str, tuple[str, str, int]] = {
     "rgba_png": ("rgba", "png", 4),
     "hap_alpha": ("matte.mov", "hap_alpha", 4),
     "prores4444": ("matte_prores.mov", "prores4444", 4),
+    "source_rgba": ("source_rgba.mkv", "utvideo", 4),
 }
+SOURCE_OUTPUTS = ("source_rgba",)  # made from the input frame, not from RVM's foreground
 
 PARAMS: dict[str, Param] = {
     "model": Param(str, "rvm_mobilenetv3_fp32", "RVM model: a manifest name or an .onnx path",
@@ -150,7 +156,8 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
             events.progress(n, expected if n <= expected else -1)
 
         stats = matte_frames(reader, model, ratio, sinks, w, h, scene_cut=opts["scene_cut"],
-                             foreground=any(_needs_foreground(n) for n in opts["outputs"]), on_frame=progress)
+                             foreground=any(_needs_foreground(n) for n in opts["outputs"]),
+                             source=any(n in SOURCE_OUTPUTS for n in opts["outputs"]), on_frame=progress)
         check_complete(input, expected, stats.frames, allow=opts["allow_truncated"], events=events)
     if stats.frames != expected:
         log.info("%d frames (the container estimated %d)", stats.frames, expected)
@@ -163,11 +170,13 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
 
 @dataclass(frozen=True)
 class Matte:
-    """One frame's result: ``alpha`` uint8 HxW, ``foreground`` BGR uint8 HxWx3 (None when unused)."""
+    """One frame's result: ``alpha`` uint8 HxW, ``foreground`` BGR uint8 HxWx3, ``source`` the input frame
+    (each None when no output uses it)."""
 
     index: int
     alpha: np.ndarray
     foreground: np.ndarray | None
+    source: np.ndarray | None = None
 
 
 @dataclass
@@ -179,14 +188,14 @@ class MattingStats:
 
 
 def matte_frames(frames: Iterable[np.ndarray], model: RVM, ratio: float, sinks: Sequence[Sink[Matte]], width: int,
-                 height: int, scene_cut: float = 0.0, foreground: bool = False,
+                 height: int, scene_cut: float = 0.0, foreground: bool = False, source: bool = False,
                  on_frame: Callable[[int], None] | None = None, queue_size: int = 2) -> MattingStats:
     """Matte every frame into every sink on the threaded pipeline (``stages/framepipe.py``).
 
     Reader thread: scene-cut check, BGR uint8 into a pooled float NCHW ``InputBuffer``. Calling
     thread, in order: state reset at a cut, RVM inference, ``to_alpha`` (+ ``to_foreground`` when
-    ``foreground``: a sink needs it), buffer back to the pool. Returns the stats or re-raises the
-    first error of any thread.
+    ``foreground``: a sink needs it), buffer back to the pool; the input frame rides along when
+    ``source``. Returns the stats or re-raises the first error of any thread.
     """
     from cuepipe.stages.framepipe import BufferPool, run_frames
     from cuepipe.stages.rvm import InputBuffer, SceneCut, to_alpha, to_foreground
@@ -195,7 +204,7 @@ def matte_frames(frames: Iterable[np.ndarray], model: RVM, ratio: float, sinks: 
     # one being filled, queue_size waiting, one in inference
     pool = BufferPool(lambda: InputBuffer(width, height, model.input_dtype), queue_size + 2)
 
-    def prepare(frame: np.ndarray) -> tuple[InputBuffer, bool]:
+    def prepare(frame: np.ndarray) -> tuple[InputBuffer, bool, np.ndarray | None]:
         nonlocal read
         buffer = pool.get()
         cut = detector(frame)
@@ -203,15 +212,15 @@ def matte_frames(frames: Iterable[np.ndarray], model: RVM, ratio: float, sinks: 
             log.info("scene cut before frame %d (difference %.3f): state reset", read, detector.last_score)
         buffer.fill(frame)
         read += 1
-        return buffer, cut
+        return buffer, cut, frame if source else None  # each decoded frame is a new array: kept as is
 
-    def process(items: list[tuple[InputBuffer, bool]]) -> list[Matte]:
-        (buffer, cut), = items  # batch 1: the recurrent state goes frame by frame
+    def process(items: list[tuple[InputBuffer, bool, np.ndarray | None]]) -> list[Matte]:
+        (buffer, cut, frame), = items  # batch 1: the recurrent state goes frame by frame
         if cut:
             model.reset()
             stats.scene_cuts += 1
         fgr, pha = model.infer(buffer.array, ratio)
-        matte = Matte(stats.frames, to_alpha(pha), to_foreground(fgr) if foreground else None)
+        matte = Matte(stats.frames, to_alpha(pha), to_foreground(fgr) if foreground else None, frame)
         pool.put(buffer)
         stats.frames += 1
         return [matte]
@@ -221,8 +230,8 @@ def matte_frames(frames: Iterable[np.ndarray], model: RVM, ratio: float, sinks: 
 
 
 def _needs_foreground(output: str) -> bool:
-    """Every output but the gray alpha is made from RVM's foreground colours."""
-    return OUTPUTS[output][2] != 1
+    """Every output but the gray alpha and the source ones is made from RVM's foreground colours."""
+    return OUTPUTS[output][2] != 1 and output not in SOURCE_OUTPUTS
 
 
 def _model(cache: dict[str, Any] | None, path: Path, provider: str, threads: int, io_binding: str) -> RVM:
@@ -257,6 +266,13 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
         audio = AudioSource(input)
     writer = writers.enter_context(
         VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
+    if name in SOURCE_OUTPUTS:
+        source_out = np.empty((height, width, channels), np.uint8)
+
+        def convert_source(m: Matte) -> np.ndarray:
+            assert m.source is not None  # matte_frames keeps the input frame when an output needs it
+            return to_bgra(m.source, m.alpha, source_out, clear_transparent=False)
+        return Sink(name, writer, convert_source)
     if not _needs_foreground(name):
         return Sink(name, writer, lambda m: m.alpha)
     # write() has copied a frame into ffmpeg's pipe when it returns: one buffer per sink is enough

@@ -52,6 +52,7 @@ class WarningKind(StrEnum):
     """What a stage accepted but must not keep quiet about: the ``kind`` of a ``warning`` Event."""
 
     INPUT_TRUNCATED = "input_truncated"  # fewer frames decoded than the container declares (allow_truncated)
+    PARAMETER_IGNORED = "parameter_ignored"  # a parameter that does not apply to this input or model
 
 
 # -------------------------------------------------------- Stage Events: a stage to its --report addresses

@@ -38,7 +38,7 @@ import numpy as np
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.stage import StageError
 from cuepipe.stages.video import VideoInputError, convert_image, decode_image, list_images, probe
-from cuepipe.stages.videowriter import NO_WINDOW, ffmpeg_exe, reap
+from cuepipe.stages.videowriter import ffmpeg_exe, reap, start_codec
 
 __all__ = ["RgbaReader", "has_alpha_format", "to_bgra8"]
 
@@ -174,8 +174,8 @@ class RgbaReader:
                "-map", "0:v:0", "-an", "-sn", "-dn", "-fps_mode", "passthrough",
                "-f", "rawvideo", "-pix_fmt", "bgra", "-"]
         try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
-                                          bufsize=1 << 20, creationflags=NO_WINDOW)
+            self._proc = start_codec(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     bufsize=1 << 20)
         except OSError as exc:
             self.close()
             raise VideoInputError(ErrorKind.INPUT_INVALID, f"cannot start ffmpeg: {exc}") from None

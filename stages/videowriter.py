@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -107,6 +107,23 @@ def ffmpeg_exe() -> str:
 
 #: Windows: no console window flashes up for ffmpeg when the stage runs without one.
 NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+#: How much lower than the stage the ffmpeg processes that stream its frames run (POSIX niceness;
+#: Windows: below-normal priority class). The model's threads then preempt the codec: on a busy
+#: machine a stalled inference thread holds up every other one of its operator, a stalled encoder
+#: only fills its queue (``bench/generate.py``, ``docs/performance.md``: +4 % at 720p on 2 cores).
+CODEC_NICENESS = 4
+_CODEC_FLAGS = NO_WINDOW | (getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0) if sys.platform == "win32" else 0)
+
+
+def start_codec(cmd: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start an ffmpeg that streams frames (a decoder or an encoder) below the stage's priority."""
+    proc = subprocess.Popen(cmd, creationflags=_CODEC_FLAGS, **popen)
+    if hasattr(os, "setpriority"):  # POSIX; on Windows the creation flag did it
+        try:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + CODEC_NICENESS)
+        except OSError as exc:  # it already exited (its error surfaces where it is read), or a policy refuses
+            log.debug("could not lower ffmpeg's priority: %s", exc)
+    return proc
 
 
 def reap(proc: subprocess.Popen[bytes], pipe: IO[bytes] | None) -> None:
@@ -273,8 +290,7 @@ class VideoWriter:
         ]
         log.debug("ffmpeg: %s", cmd)
         try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=self._stderr, creationflags=NO_WINDOW)
+            self._proc = start_codec(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
         except OSError as exc:
             self._cleanup()
             raise VideoOutputError(ErrorKind.OUTPUT_ERROR, f"cannot start ffmpeg: {exc}") from None

@@ -200,8 +200,20 @@ def test_smoothing_averages_consecutive_frames(tmp_path: Path) -> None:
     frames = [np.full((32, 32, 3), v, np.uint8) for v in (0, 200, 200)]
     model = genmodels.identity(tmp_path / "id.onnx")
     result = generate.run(image_folder(tmp_path / "in", frames), tmp_path / "out", model=str(model), mode="frame",
-                          smoothing=0.5, outputs="rgba_png", provider="cpu")
+                          smoothing=0.5, motion=0, outputs="rgba_png", provider="cpu")  # motion 0: a plain EMA
     assert [int(g[0, 0, 0]) for g in read_all(result.outputs[0])] == [0, 100, 150]
+
+
+def test_motion_gated_smoothing_takes_a_change_at_once_and_averages_the_still(tmp_path: Path) -> None:
+    """With a motion threshold a jump of 200 levels is motion (taken at once, no trail); later still
+    frames are averaged: the identity model's output follows the input, then smooths its noise."""
+    frames = [np.full((32, 32, 3), v, np.uint8) for v in (0, 200, 200, 204, 200)]
+    model = genmodels.identity(tmp_path / "id.onnx")
+    result = generate.run(image_folder(tmp_path / "in", frames), tmp_path / "out", model=str(model), mode="frame",
+                          smoothing=0.5, motion=12, outputs="rgba_png", provider="cpu")
+    got = [int(g[16, 16, 0]) for g in read_all(result.outputs[0])]
+    # 204 after 200 is 4 levels (still 2/3): w = 0.5 * 2/3, 200 + (1 - w) * 4 = 202.67 -> 203
+    assert got == [0, 200, 200, 203, 201]
 
 
 # --- contracts -----------------------------------------------------------------------------------

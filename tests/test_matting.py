@@ -346,3 +346,33 @@ def test_bad_background_leaves_no_files(tmp_path: Path) -> None:
         matting.run(clip, tmp_path / "out", outputs="alpha,composite", background="not-a-colour-or-file")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
+
+
+# --- source_rgba (issue 11) -------------------------------------------------------------------------
+
+
+def test_source_rgba_is_the_decoded_input_with_the_same_alpha(tmp_path: Path, clip_with_audio: Path) -> None:
+    """``source_rgba``: the input's own pixels, exactly as decoded (an H.264 clip here), with the matte as
+    alpha - the very alpha this run's ``rgba`` output carries - lossless, with the input's audio."""
+    from cuepipe.stages.rgba import RgbaReader
+
+    out = tmp_path / "out"
+    result = matting.run(clip_with_audio, out, outputs="source_rgba,rgba", provider="cpu")
+    assert result.outputs == (out / "source_rgba.mkv", out / "matte_rgba.mkv") and result.frames == 12
+    with VideoReader(clip_with_audio) as reader:
+        decoded = list(reader)
+    with RgbaReader(out / "source_rgba.mkv") as reader:
+        assert reader.has_alpha
+        source = list(reader)
+    with RgbaReader(out / "matte_rgba.mkv") as reader:
+        matte = list(reader)
+    assert len(decoded) == len(source) == len(matte) == 12
+    for d, s, m in zip(decoded, source, matte, strict=True):
+        assert np.array_equal(s[:, :, :3], d)  # every pixel, the person's and the background's
+        assert np.array_equal(s[:, :, 3], m[:, :, 3])
+        assert (s[:, :, 3] == 0).mean() > 0.3 and (s[:, :, 3] == 255).any()  # a real matte, not all or nothing
+        clear = m[:, :, 3] == 0
+        assert m[clear][:, :3].max() == 0 and d[clear].max() > 0  # unlike rgba, whose colours there are cleared
+    info = probe(out / "source_rgba.mkv", count_frames=True)
+    assert (info.codec, info.pix_fmt, info.frames, info.width, info.height) == ("utvideo", "gbrap", 12, W, H)
+    assert has_audio(out / "source_rgba.mkv")

@@ -77,7 +77,8 @@ def leftovers(folder: Path) -> list[str]:
 def test_manifest_has_four_complete_rvm_entries() -> None:
     specs = models.load_manifest()
     rvm = {f"rvm_{b}_{p}" for b in ("mobilenetv3", "resnet50") for p in ("fp32", "fp16")}
-    assert set(specs) == rvm | {"cuepipe_toon"}  # the built-in generator: tests/test_builtin.py
+    # the built-in generator (tests/test_builtin.py) and the trained style network (tests/test_stylize.py)
+    assert set(specs) == rvm | {"cuepipe_toon", "multistyle26"}
     for name, s in ((n, s) for n, s in specs.items() if n in rvm):
         assert s.builtin is None and s.generator is None
         assert s.name == name and s.file == f"{name}.onnx" and s.family == "rvm"

@@ -120,3 +120,39 @@ def test_each_job_on_a_resident_worker_gets_its_own_log_tail(setup) -> None:  # 
     assert "first-take.txt is not what this stage wants" in tails[0]
     assert "second-take.txt is not what this stage wants" in tails[1]
     assert "first-take" not in tails[1] and "second-take" not in tails[0]
+
+
+def test_a_resident_generate_worker_changes_style_between_jobs_without_reloading(tmp_path: Path) -> None:
+    """Issue 11: the real ``generate`` stage on a resident worker, two jobs with different styles of the
+    real multistyle26: one process, the model validated (loaded) once, each job in its own style."""
+    import numpy as np
+
+    from tests.support.rgba import person_frames, read_all, write_rgba
+
+    frames = person_frames(3, width=96, height=64)
+    clip = write_rgba(tmp_path / "take.mkv", frames)
+    pipelines = parse(pipelines_toml(
+        {"stall_timeout": 0},
+        **{name: [step(stage="generate", warm=True, model="multistyle26", style=style, provider="cpu")]
+           for name, style in (("nineteen", "19"), ("seven", "7"))}), tmp_path / "pipelines.toml")
+    pool = WorkerPool(tmp_path / "workers", max_jobs=3)
+    try:
+        results, infos, pids = [], [], []
+        for name in ("nineteen", "seven"):
+            events: list[Message] = []
+            result = Job(pipelines.pipelines[name], clip, events.append, out_dir=tmp_path / name, pool=pool).run()
+            assert result.state is JobState.DONE, [e.fields for e in events]
+            started = next(e for e in events if e.spec.name == "job/stage_started")
+            pids.append(started["pid"])
+            infos.append(json.loads(started["info"]))
+            results.append(read_all(Path(result.outputs[0])))
+    finally:
+        pool.stop()
+    assert pids[0] == pids[1] and pool.started == 1  # one resident process served both jobs
+    assert [i["style"] for i in infos] == ["19", "7"]
+    [worker_log] = (tmp_path / "workers").glob("generate-*.log")
+    assert worker_log.read_text().count("contract ok") == 1  # the model was loaded and checked once
+    person = [f[:, :, 3] == 255 for f in frames]
+    diff = np.mean([np.abs(a[m][:, :3].astype(int) - b[m][:, :3]).mean()
+                    for a, b, m in zip(*results, person, strict=True)])
+    assert diff > 40  # each job in its own style (measured ~80 between styles 19 and 7)
