@@ -12,7 +12,7 @@ import pytest
 from cuepipe.stages import generate
 from cuepipe.stages.blend import composite
 from cuepipe.stages.contactsheet import SKIP, ContactSheet, pick_frames
-from cuepipe.stages.stage import StageEvents
+from tests.support.fakes import InterruptAt
 from tests.support.rgba import person_frames, read_all, write_rgba
 
 TILE = 180  # ContactSheet's default tile height
@@ -147,18 +147,9 @@ def test_the_stage_writes_a_contact_sheet_of_its_frames(tmp_path: Path) -> None:
         assert np.abs(result_tile[person].astype(int) - source_tile[person]).mean() > 20
 
 
-class InterruptAt(StageEvents):
-    def __init__(self, frame: int) -> None:
-        super().__init__(generate.NAME, None)
-        self.frame = frame
-
-    def progress(self, frame: int, total: int) -> None:
-        if frame == self.frame:
-            raise KeyboardInterrupt
-
-
 def test_an_interrupted_stage_writes_no_contact_sheet(tmp_path: Path) -> None:
     src = write_rgba(tmp_path / "in.mkv", person_frames(4, width=96, height=64))
     with pytest.raises(KeyboardInterrupt):
-        generate.run(src, tmp_path / "out", InterruptAt(4), model="multistyle26", provider="cpu", contact_sheet=2)
+        generate.run(src, tmp_path / "out", InterruptAt(generate.NAME, 4), model="multistyle26", provider="cpu",
+                     contact_sheet=2)
     assert not any((tmp_path / "out").iterdir())  # neither the video nor the sheet, nor a temporary file

@@ -19,10 +19,11 @@ from cuepipe.stages.democlip import render_frames, write_clip
 from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.framepipe import Sink
 from cuepipe.stages.matting import Matte, matte_frames
-from cuepipe.stages.stage import StageError, StageEvents
+from cuepipe.stages.stage import StageError
 from cuepipe.stages.video import VideoReader, ffmpeg_exe, has_audio, probe
 from tests.support.env import ROOT, subprocess_env
 from tests.support.fake_td import FakeTD
+from tests.support.fakes import InterruptAt
 
 W, H = 320, 192  # <= 512 px: RVM's table gives ratio 1.0; multiples of 4 for HAP
 MODEL = "rvm_mobilenetv3_fp32"
@@ -310,21 +311,12 @@ def test_sigterm_stops_the_stage_cleanly(tmp_path: Path, fake_td: FakeTD) -> Non
     assert not any((tmp_path / "out").iterdir())  # ffmpeg reaped, temporary files removed
 
 
-class InterruptAt(StageEvents):
-    def __init__(self, frame: int) -> None:
-        super().__init__(matting.NAME, None)
-        self.frame = frame
-
-    def progress(self, frame: int, total: int) -> None:
-        if frame == self.frame:
-            raise KeyboardInterrupt
-
-
 def test_an_interrupted_stage_leaves_no_files(tmp_path: Path) -> None:
     clip = tmp_path / "in.mp4"
     write_clip(clip, None, W, H, frames=12)
     with pytest.raises(KeyboardInterrupt):
-        matting.run(clip, tmp_path / "out", InterruptAt(3), outputs="alpha,composite,rgba_png,hap_alpha")
+        matting.run(clip, tmp_path / "out", InterruptAt(matting.NAME, 3),
+                    outputs="alpha,composite,rgba_png,hap_alpha")
     assert not any((tmp_path / "out").iterdir())  # ffmpeg killed, temporary files and folders removed
 
 

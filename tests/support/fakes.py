@@ -1,4 +1,5 @@
-"""In-memory stand-ins for the expensive parts: a JobRunner that starts no process, a settable clock."""
+"""In-memory stand-ins for the expensive parts: a JobRunner that starts no process, a settable clock,
+and stage Events that interrupt a stage at a chosen frame (as Ctrl-C would)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ from cuepipe.orchestrator.journal import JobRecord
 from cuepipe.orchestrator.pipeline import Pipeline
 from cuepipe.stages.codec import Message
 from cuepipe.stages.protocol import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_STARTED
+from cuepipe.stages.stage import StageEvents
+
+
+class InterruptAt(StageEvents):
+    """A stage's Events that raise KeyboardInterrupt when ``frame`` is reported done."""
+
+    def __init__(self, stage: str, frame: int) -> None:
+        super().__init__(stage, None)
+        self.frame = frame
+
+    def progress(self, frame: int, total: int) -> None:
+        if frame == self.frame:
+            raise KeyboardInterrupt
 
 
 class FakeClock:
