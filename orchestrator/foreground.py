@@ -63,7 +63,7 @@ def cancel_on_eof(cancel: threading.Event) -> None:
 def run_job(
     pipelines: PipelineFile | None,
     name: str,
-    input: Path,
+    input: Path | str,
     reports: Sequence[tuple[str, int]],
     sets: Sequence[str] = (),
     out: Path | None = None,
@@ -73,6 +73,7 @@ def run_job(
     extra_sink: Callable[[Message], None] | None = None,
     job_id: str | None = None,
     eof_cancels: bool = False,
+    cancel: threading.Event | None = None,
 ) -> tuple[int, JobResult | None]:
     """Run one Job with Events to ``reports`` and the terminal; returns (exit code, result).
 
@@ -100,7 +101,7 @@ def run_job(
             sink(Message(JOB_FAILED, {"job": job_id, "index": -1, "stage": "", "exit_code": NO_EXIT_CODE,
                                     "kind": kind.value, "message": message}))
             return EXIT_BAD_ARGUMENT, None
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()  # also set by Ctrl-C / SIGTERM, and closed stdin with eof_cancels
         if eof_cancels:
             cancel_on_eof(cancel)
         job = Job(pipeline, input, sink, out_dir=out, job_id=job_id, cancel=cancel, keep_work=keep_work)

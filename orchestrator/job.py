@@ -36,6 +36,7 @@ from cuepipe.stages.protocol import (
     JOB_CANCELLED,
     JOB_DONE,
     JOB_FAILED,
+    JOB_LIVE,
     JOB_PROGRESS,
     JOB_STAGE_DONE,
     JOB_STAGE_FAILED,
@@ -229,7 +230,7 @@ class Job:
     def __init__(
         self,
         pipeline: Pipeline,
-        input: Path,
+        input: Path | str,  # a path, or a live URL (ndi://, camera://, play://: stages.stage.is_live)
         sink: EventSink,
         out_dir: Path | None = None,
         job_id: str | None = None,
@@ -267,7 +268,7 @@ class Job:
         return JobResult(self.job_id, JobState.FAILED, [], NO_EXIT_CODE, kind, message)
 
     def run(self) -> JobResult:
-        if not self.input.exists():
+        if not isinstance(self.input, str) and not self.input.exists():
             return self.reject(ErrorKind.INPUT_MISSING, f"input not found: {self.input}")
         try:
             self.work_dir.mkdir(parents=True, exist_ok=False)
@@ -280,7 +281,7 @@ class Job:
         try:
             sock = EventSocket(STAGE_EVENTS)
             try:
-                current = self.input.resolve()
+                current: Path | str = self.input if isinstance(self.input, str) else self.input.resolve()
                 to_publish: list[tuple[int, Path]] = []  # (index of the stage that made it, output)
                 for index, stage in enumerate(self.pipeline.stages):
                     attempt = self._stage(sock, index, stage, current)
@@ -306,8 +307,9 @@ class Job:
             return self._fail(index, ErrorKind.INTERNAL, f"launcher error: {type(exc).__name__}: {exc}")
 
     def _destination(self, src: Path) -> Path:
-        """The final path of output ``src``: ``<out>/<input stem>_<output name>``."""
-        return self.out_dir / f"{self.input.stem}_{src.name}"
+        """The final path of output ``src``: ``<out>/<input stem>_<output name>`` (a live input: ``live_...``)."""
+        stem = "live" if isinstance(self.input, str) else self.input.stem
+        return self.out_dir / f"{stem}_{src.name}"
 
     def _fail(self, index: int, kind: ErrorKind, message: str) -> JobResult:
         """End with ``job/failed`` after the stages' own checks passed (publishing, a launcher error):
@@ -328,7 +330,7 @@ class Job:
             state = JobState.FAILED  # the work folder stays, with each stage's log, for diagnosis
         return JobResult(self.job_id, state, [], attempt.exit_code, kind, attempt.message, index, self.work_dir)
 
-    def _stage(self, sock: EventSocket, index: int, stage: Step, source: Path) -> Attempt:
+    def _stage(self, sock: EventSocket, index: int, stage: Step, source: Path | str) -> Attempt:
         """Run one stage with its retries; return the last attempt."""
         for number in range(1, stage.retries + 2):
             attempt = self._attempt(sock, index, stage, number, source)
@@ -342,7 +344,7 @@ class Job:
                 return attempt
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def argv(self, stage: Step, source: Path, out: Path, port: int) -> list[str]:
+    def argv(self, stage: Step, source: Path | str, out: Path, port: int) -> list[str]:
         args = [self.python, "-m", STAGES[stage.name], "--input", str(source), "--output-dir", str(out),
                 "--report", f"127.0.0.1:{port}"]
         for key, value in stage.params.items():
@@ -350,7 +352,7 @@ class Job:
                 args.append(f"{option(key)}={str(value).lower() if isinstance(value, bool) else value}")
         return args
 
-    def _attempt(self, sock: EventSocket, index: int, stage: Step, number: int, source: Path) -> Attempt:
+    def _attempt(self, sock: EventSocket, index: int, stage: Step, number: int, source: Path | str) -> Attempt:
         tag = f"{index:02d}-{stage.name}" + (f"-attempt{number}" if number > 1 else "")
         out = self.work_dir / tag
         out.mkdir()
@@ -388,7 +390,7 @@ class Job:
                        seconds=result.seconds, outputs=[str(p) for p in result.outputs])
         return result
 
-    def _launch(self, stage: Step, source: Path, out: Path, port: int, tag: str) -> Task:
+    def _launch(self, stage: Step, source: Path | str, out: Path, port: int, tag: str) -> Task:
         """Start the stage: on a resident Worker from the pool when the stage is ``warm``, else cold."""
         if self.pool is not None and stage.warm:
             resident = self.pool.lease(stage.name, self.cancel)
@@ -457,6 +459,9 @@ class Job:
             result.reported = (kind, event["message"])
         elif name == "stage/warning":  # relayed as it comes, also from an attempt that fails later
             self._emit(JOB_WARNING, index=index, stage=stage.name, kind=event["kind"], message=event["message"])
+        elif name == "stage/live":
+            self._emit(JOB_LIVE, index=index, stage=stage.name, frames=event["frames"], fps=event["fps"],
+                       dropped=event["dropped"], latency_p50=event["latency_p50"], latency_p95=event["latency_p95"])
 
 
 def _describe_exit(code: int) -> str:

@@ -358,19 +358,28 @@ def under_roots(path: Path, roots: Sequence[Path]) -> bool:
     return any(resolved.is_relative_to(root.resolve()) for root in roots)
 
 
-def resolve_request(pipelines: PipelineFile, name: str, sets: Sequence[str] = (), input: Path | None = None,
-                    roots: Sequence[Path] | None = None) -> Pipeline:
+def resolve_request(pipelines: PipelineFile, name: str, sets: Sequence[str] = (),
+                    input: Path | str | None = None, roots: Sequence[Path] | None = None) -> Pipeline:
     """The one way a request becomes a runnable Pipeline, for ``cuepipe run`` and ``cuepipe serve`` alike.
 
     In order: the pipeline exists; the overrides are valid; with ``roots`` (the daemon), every value
     that names a file and the input lie under them (checked before existence, so a refusal tells
     nothing about files outside); the models and files the pipeline names exist; the input exists.
+    A live input (``ndi://``, ``camera://``: no file) is checked only for a first stage that takes
+    one; ``play://PATH`` plays a file, so its path is checked like an input's.
     Raises RequestError (or ConfigError for an override) whose ``kind`` says which check failed.
     """
     if name not in pipelines.pipelines:
         raise RequestError(f"unknown pipeline {name!r} in {pipelines.path} (known: {', '.join(pipelines.pipelines)})",
                            ErrorKind.UNKNOWN_PIPELINE)
     pipeline = apply_overrides(pipelines, pipelines.pipelines[name], list(sets))
+    if isinstance(input, str):  # a live URL (stages.stage.job_input)
+        first = pipeline.stages[0].name
+        if not getattr(load(first), "LIVE", False):
+            raise RequestError(f"{input}: a live input, but the first stage {first!r} of {name!r} takes files only",
+                               ErrorKind.BAD_ARGUMENT)
+        scheme, _, rest = input.partition("://")
+        input = Path(rest.split("?", 1)[0]) if scheme == "play" else None  # a file to play: checked below
     if roots is not None:
         for stage in pipeline.stages:
             declared = stage_params(stage.name)

@@ -19,7 +19,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,16 @@ class ResidentWorker:
         except psutil.Error:
             return False
 
-    def submit(self, job: str, input: Path, output_dir: Path, port: int, params: Mapping[str, Any]) -> bool:
+    def preload(self, params: Mapping[str, Any]) -> None:
+        """Ask the worker to load what a job with ``params`` needs, before any job (``stages.stage.serve``)."""
+        stdin = self.worker.stdin
+        if stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):  # a dead worker: the next lease finds out
+            stdin.write(json.dumps({"preload": {k: v for k, v in params.items() if v is not None}}) + "\n")
+            stdin.flush()
+
+    def submit(self, job: str, input: Path | str, output_dir: Path, port: int, params: Mapping[str, Any]) -> bool:
         """Hand the worker a job; False if it could not take it (its process is gone)."""
         request = {"job": job, "input": str(input), "output_dir": str(output_dir),
                    "report": [f"127.0.0.1:{port}"], "params": {k: v for k, v in params.items() if v is not None}}
@@ -120,8 +129,11 @@ class ResidentWorker:
 class WorkerPool:
     def __init__(self, folder: Path, python: str = sys.executable, max_jobs: int = defaults.WORKER_MAX_JOBS,
                  max_rss: int = defaults.WORKER_MAX_RSS, backoff_max: float = 30.0,
-                 now: Callable[[], float] = time.monotonic, registry: ProcessRegistry | None = None) -> None:
+                 now: Callable[[], float] = time.monotonic, registry: ProcessRegistry | None = None,
+                 preloads: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        # per stage, the parameter sets its new workers preload (the warm Steps' params): model, ratio...
+        self.preloads = dict(preloads or {})
         self.folder = folder
         self.registry = registry  # resident processes are recorded there (and Jobs' cold ones too)
         self.python = python
@@ -161,6 +173,8 @@ class WorkerPool:
                         registry=self.registry)
         resident = ResidentWorker(stage, worker)
         resident.start()
+        for params in self.preloads.get(stage, ()):
+            resident.preload(params)
         self.started += 1
         with self._lock:
             self._busy.add(resident)

@@ -27,6 +27,7 @@ from cuepipe.orchestrator.resident import WorkerPool
 from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import CuepipeError
 from cuepipe.stages.protocol import JOB_CANCELLED, JOB_QUEUED, new_job_id
+from cuepipe.stages.stage import job_input
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Scheduler:
 
     # --- commands -------------------------------------------------------------------------------
 
-    def _pipeline_for(self, name: str, sets: Sequence[str], input: Path | None = None) -> Pipeline:
+    def _pipeline_for(self, name: str, sets: Sequence[str], input: Path | str | None = None) -> Pipeline:
         """``resolve_request`` under this daemon's roots, its failure as the Refusal a client gets."""
         try:
             return resolve_request(self.pipelines, name, sets, input, self.roots)
@@ -121,7 +122,7 @@ class Scheduler:
     def submit(self, pipeline: str, input: str, sets: Sequence[str] = (), priority: int = 0, tag: str = "",
                reply_to: tuple[str, int] | None = None) -> JobRecord:
         """Validate and queue a job, or raise JobRefused saying why."""
-        path = Path(input)
+        path = job_input(input)  # a live URL stays text
         resolved = self._pipeline_for(pipeline, sets, path)
         with self._lock:
             if self._stopping:
@@ -130,7 +131,8 @@ class Scheduler:
                 raise JobRefused(Refusal.QUEUE_FULL, f"{self.max_queue} jobs are already queued")
             self._seq += 1
             now = self.clock()
-            record = JobRecord(new_job_id(), self._seq, pipeline, str(path.resolve()), tuple(sets), priority,
+            where = path if isinstance(path, str) else str(path.resolve())
+            record = JobRecord(new_job_id(), self._seq, pipeline, where, tuple(sets), priority,
                                JobState.QUEUED, now, now, tag=tag, reply_to=reply_to, resource=resolved.resource)
             try:  # journaled before it is accepted: a job the daemon could not keep is refused, not lost
                 self.journal.save(record)
@@ -210,7 +212,7 @@ class Scheduler:
     def _run_job(self, pipeline: Pipeline, record: JobRecord, on_event: Callable[[Message], None],
                  cancel: threading.Event) -> JobResult:
         """The default JobRunner: the real Job, its stages as supervised processes."""
-        return Job(pipeline, Path(record.input), on_event, job_id=record.id, python=self.python, cancel=cancel,
+        return Job(pipeline, job_input(record.input), on_event, job_id=record.id, python=self.python, cancel=cancel,
                    pool=self.pool).run()
 
     def _run(self, record: JobRecord, pipeline: Pipeline, cancel: threading.Event) -> None:

@@ -33,9 +33,13 @@ class EventDisplay:
             self._close_bar()
             self._bar = tqdm(total=1000, desc=f"{f['index']} {f['stage']}", unit="‰", file=self.stream,
                              bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {postfix}", disable=None)
-        elif name == "job/progress" and self._bar is not None:
+        elif name == "job/progress" and self._bar is not None and f["total"] >= 0:
             self._bar.n = int(f["fraction"] * 1000)
             self._bar.set_postfix_str(f"{f['frame']}/{f['total']} frames, {f['fps']:.1f} fps", refresh=True)
+        elif name == "job/live" and self._bar is not None:  # a live stage: no end, so no percentage
+            self._bar.set_postfix_str(f"live: {f['frames']} frames, {f['fps']:.1f} fps, {f['dropped']} dropped, "
+                                      f"latency p50 {f['latency_p50']:.0f} ms, p95 {f['latency_p95']:.0f} ms",
+                                      refresh=True)
         elif name == "job/stage_failed":
             self._close_bar()
             retry = " (retrying)" if f["retrying"] else ""

@@ -16,6 +16,17 @@
 | ``hap_alpha`` | ``matte.mov`` | HAP Alpha (TouchDesigner decodes it on the GPU) |
 | ``prores4444`` | ``matte_prores.mov`` | ProRes 4444 with alpha |
 
+**Live** (``LIVE``): with a live ``--input`` (``ndi://SOURCE``, ``camera://N`` or ``play://clip.mp4``,
+``stages/live.py``) the stage mattes the newest frame whenever it is ready for one and sends the
+person with alpha (RVM's foreground, BGRA) as the NDI source ``ndi_name`` (output ``ndi``, the only
+one live), each frame carrying its source frame's timecode, until it is cancelled. Frames the
+source delivered while inference was busy are dropped and counted; a ``stage/live`` Event reports
+output fps, drops and source-to-output latency about once a second. The loop has no queue on
+purpose: every frame waiting behind another would add a whole inference to the latency.
+
+    python -m cuepipe.stages.matting --input 'ndi://STUDIO (TouchDesigner)?ip=10.0.0.5' --output-dir work/ \
+        --outputs ndi --ndi-name cuepipe-matte --report 127.0.0.1:7000
+
 ``source_rgba`` is the whole picture with its matte: ``generate`` restyles the person in it and
 keeps the rest byte for byte (the ``stylize`` pipeline).
 
@@ -43,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.geometry import BACKGROUND_WORDS
 from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
@@ -54,6 +66,7 @@ from cuepipe.stages.stage import (
     StageResult,
     bad_argument,
     coerce_all,
+    is_live,
     stage_main,
 )
 from cuepipe.stages.stage import parse_outputs as stage_parse_outputs
@@ -67,6 +80,9 @@ if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run
 log = logging.getLogger(__name__)
 
 NAME = "matting"
+LIVE = True  # takes live inputs (stages/live.py): the orchestrator lets ndi://, camera://, play:// through
+LIVE_OUTPUTS = ("ndi",)
+PRELOAD_SIZE = (1280, 720)  # a resident worker's warm-up frame (preload): the most common show size
 SUBJECTS = ("portrait", "full_body")
 AUDIO_OUTPUTS = ("composite", "rgba", "source_rgba")
 #: output name -> (file or folder name, stages.video.Codec value, channels)
@@ -98,15 +114,22 @@ PARAMS: dict[str, Param] = {
     "io_binding": Param(str, "auto", "onnxruntime IO binding: auto (on for GPU providers), on, off",
                         choices=("auto", "on", "off")),
     "allow_truncated": ALLOW_TRUNCATED,
+    "ndi_name": Param(str, "cuepipe-matte", "live: the NDI source name the matted person is sent as"),
+    "ndi_unique": Param(bool, False, "live: add a short suffix to the NDI name (several live jobs on one machine; "
+                        "the name used is in the started info). Off: a name already taken fails the stage"),
+    "live_timeout": Param(float, 30.0, "live: seconds to wait for the first frame of the source", minimum=0.1),
 }
 
 
-def _coerce(params: dict[str, Any]) -> dict[str, Any]:
+def _coerce(params: dict[str, Any], live: bool = False) -> dict[str, Any]:
     """Validate keyword parameters exactly as argv values are (run() is called directly too)."""
     out = coerce_all(NAME, PARAMS, params)
     if out["ratio"] is not None and not out["ratio"] > 0:
         raise bad_argument("ratio", f"must be > 0, got {out['ratio']}")
-    out["outputs"] = parse_outputs(out["outputs"])
+    if live:
+        out["outputs"] = stage_parse_outputs(out["outputs"], dict.fromkeys(LIVE_OUTPUTS, ("", "", 4)))
+    else:
+        out["outputs"] = parse_outputs(out["outputs"])
     return out
 
 
@@ -137,6 +160,8 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
     from cuepipe.stages.video import VideoReader, check_complete
 
     events = events or StageEvents(NAME, None)
+    if is_live(input):
+        return run_live(str(input), events, cache, _coerce(params, live=True))
     opts = _coerce(params)
     input, output_dir = Path(input), Path(output_dir)
     model_path, spec = resolve_model(opts["model"])
@@ -286,8 +311,66 @@ def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps
     return Sink(name, writer, convert)
 
 
+def run_live(url: str, events: StageEvents, cache: dict[str, Any] | None, opts: dict[str, Any]) -> StageResult:
+    """The live loop (module docstring): newest frame -> RVM -> NDI with alpha, until cancelled."""
+    import cv2
+    import numpy as np
+
+    from cuepipe.stages.blend import to_bgra
+    from cuepipe.stages.live import LiveStats, open_source
+    from cuepipe.stages.ndi import NdiSender
+    from cuepipe.stages.rvm import InputBuffer, to_alpha, to_foreground
+
+    model_path, spec = resolve_model(opts["model"])
+    model = _model(cache, model_path, opts["provider"], opts["threads"], opts["io_binding"])
+    with open_source(url) as source:
+        frame = source.next(timeout_s=opts["live_timeout"])
+        if frame is None:
+            raise StageError(ErrorKind.INPUT_INVALID, f"{url}: no frame within {opts['live_timeout']:g} s")
+        h, w = frame.image.shape[:2]
+        ratio = opts["ratio"] or spec.recommended_downsample_ratio(w, h, opts["subject"])
+        with NdiSender(opts["ndi_name"], unique=opts["ndi_unique"]) as sender:
+            events.started(input=url, live=True, width=w, height=h, model=opts["model"], provider=model.provider,
+                           ratio=ratio, ndi=sender.name, outputs=list(opts["outputs"]))
+            stats, buffer, out = LiveStats(), InputBuffer(w, h, model.input_dtype), np.empty((h, w, 4), np.uint8)
+            while True:
+                image = frame.image if frame.image.ndim == 3 and frame.image.shape[2] == 3 else \
+                    cv2.cvtColor(frame.image, cv2.COLOR_BGRA2BGR)
+                if image.shape[:2] != (h, w):  # the source changed size: a new shot for the recurrent state
+                    h, w = image.shape[:2]
+                    buffer, out = InputBuffer(w, h, model.input_dtype), np.empty((h, w, 4), np.uint8)
+                    model.reset()
+                fgr, pha = model.infer(buffer.fill(image), ratio)
+                sender.send(to_bgra(to_foreground(fgr), to_alpha(pha), out), timecode=frame.timecode)
+                stats.frame_out(frame.captured_ns)
+                events.progress(stats.frames, -1)
+                if stats.due():
+                    events.live(*stats.snapshot(source.dropped))
+                while (frame := source.next(timeout_s=1.0)) is None:  # NDI reconnects meanwhile
+                    if stats.due():
+                        events.live(*stats.snapshot(source.dropped))
+
+
+def preload(cache: dict[str, Any], **params: Any) -> None:
+    """Resident workers (``--serve``): the session for these parameters, warmed by one inference at
+    1280x720 (imports, session, ORT's first run), so the first trigger costs what later ones do."""
+    import numpy as np
+
+    from cuepipe.stages import blend, framepipe, video  # noqa: F401 - imported now, not on the first trigger
+    from cuepipe.stages.rvm import InputBuffer
+
+    video.ffmpeg_exe()  # found (and cached) now
+    opts = _coerce(params, live=params.get("outputs") in LIVE_OUTPUTS)
+    model_path, spec = resolve_model(opts["model"])
+    model = _model(cache, model_path, opts["provider"], opts["threads"], opts["io_binding"])
+    w, h = PRELOAD_SIZE
+    model.infer(InputBuffer(w, h, model.input_dtype).fill(np.zeros((h, w, 3), np.uint8)),
+                opts["ratio"] or spec.recommended_downsample_ratio(w, h, opts["subject"]))
+    model.reset()
+
+
 def main() -> int:
-    return stage_main(NAME, PARAMS, run, doc=__doc__)
+    return stage_main(NAME, PARAMS, run, doc=__doc__, preload=preload)
 
 
 if __name__ == "__main__":

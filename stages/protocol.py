@@ -62,7 +62,12 @@ STAGE_PROGRESS = spec_of("stage/progress", "stage:s fraction:f frame:i total:i f
 STAGE_DONE = spec_of("stage/done", "stage:s frames:i seconds:f", tail="outputs")
 STAGE_FAILED = spec_of("stage/failed", "stage:s kind:s message:s")
 STAGE_WARNING = spec_of("stage/warning", "stage:s kind:s message:s")
-STAGE_EVENTS: tuple[MessageSpec, ...] = (STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED, STAGE_WARNING)
+#: a live stage's state, about once a second: frames out, output fps, frames dropped (the source ran
+#: ahead), and source-to-output latency in ms (p50, p95 over the last second or so)
+STAGE_LIVE = spec_of("stage/live", "stage:s frames:i fps:f dropped:i latency_p50:f latency_p95:f")
+STAGE_EVENTS: tuple[MessageSpec, ...] = (
+    STAGE_STARTED, STAGE_PROGRESS, STAGE_DONE, STAGE_FAILED, STAGE_WARNING, STAGE_LIVE,
+)
 
 # ------------------------------------ Job Events: the launcher (cuepipe run / serve) to every report address
 # Stage Events relayed with the job id and stage index added, plus the Job's own queued / started /
@@ -80,9 +85,10 @@ JOB_DONE = spec_of("job/done", "job:s seconds:f", tail="outputs")
 JOB_FAILED = spec_of("job/failed", "job:s index:i stage:s exit_code:i kind:s message:s")
 JOB_CANCELLED = spec_of("job/cancelled", "job:s index:i stage:s")
 JOB_WARNING = spec_of("job/warning", "job:s index:i stage:s kind:s message:s")
+JOB_LIVE = spec_of("job/live", "job:s index:i stage:s frames:i fps:f dropped:i latency_p50:f latency_p95:f")
 JOB_EVENTS: tuple[MessageSpec, ...] = (
     JOB_QUEUED, JOB_STARTED, JOB_STAGE_STARTED, JOB_PROGRESS, JOB_STAGE_DONE, JOB_STAGE_FAILED,
-    JOB_DONE, JOB_FAILED, JOB_CANCELLED, JOB_WARNING,
+    JOB_DONE, JOB_FAILED, JOB_CANCELLED, JOB_WARNING, JOB_LIVE,
 )
 
 #: exit_code value when a stage never ran or its code is unknown.

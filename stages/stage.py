@@ -28,7 +28,15 @@ from typing import IO, Any
 from cuepipe.stages.codec import info_json
 from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CuepipeError, ErrorKind
 from cuepipe.stages.parentwatch import watch_parent
-from cuepipe.stages.protocol import STAGE_DONE, STAGE_FAILED, STAGE_PROGRESS, STAGE_STARTED, STAGE_WARNING, WarningKind
+from cuepipe.stages.protocol import (
+    STAGE_DONE,
+    STAGE_FAILED,
+    STAGE_LIVE,
+    STAGE_PROGRESS,
+    STAGE_STARTED,
+    STAGE_WARNING,
+    WarningKind,
+)
 from cuepipe.stages.sender import EventSender, parse_address
 
 log = logging.getLogger(__name__)
@@ -193,6 +201,14 @@ class StageEvents:
         if self._sender:
             self._sender.send(STAGE_WARNING, stage=self.stage, kind=kind.value, message=message[:4000])
 
+    def live(self, frames: int, fps: float, dropped: int, latency_p50: float, latency_p95: float) -> None:
+        """A live stage's state (``stages/live.py``, ``LiveStats``): sent about once a second."""
+        log.info("%s live: %d frames, %.1f fps, %d dropped, latency p50 %.1f ms p95 %.1f ms", self.stage, frames,
+                 fps, dropped, latency_p50, latency_p95)
+        if self._sender:
+            self._sender.send(STAGE_LIVE, stage=self.stage, frames=frames, fps=fps, dropped=dropped,
+                              latency_p50=latency_p50, latency_p95=latency_p95)
+
 
 @dataclass(frozen=True)
 class StageResult:
@@ -202,6 +218,22 @@ class StageResult:
     frames: int
 
 
+#: URL schemes of live inputs (``stages/live.py``): a stage's or a Job's input is such a URL or a path.
+LIVE_SCHEMES = ("ndi", "camera", "play")
+
+
+def is_live(value: str | os.PathLike[str]) -> bool:
+    """Whether an input names a live source (``ndi://...``, ``camera://N``, ``play://PATH``), not a file."""
+    text = str(value)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme in LIVE_SCHEMES
+
+
+def job_input(value: str | os.PathLike[str]) -> Path | str:
+    """An input as given: a live URL stays its text (a Path would fold its ``//``), anything else a Path."""
+    return str(value) if is_live(value) else Path(value)
+
+
 RunFunction = Callable[..., StageResult]
 
 
@@ -209,7 +241,9 @@ def build_parser(name: str, params: Mapping[str, Param], doc: str | None) -> arg
     parser = argparse.ArgumentParser(
         prog=f"python -m cuepipe.stages.{name}", description=(doc or "").split("\n\n")[0]
     )
-    parser.add_argument("--input", type=Path, help="input video file or image folder (required)")
+    parser.add_argument("--input", type=job_input,
+                        help="input video file or image folder, or a live URL (ndi://, camera://, play://; "
+                             "stages that take one say so) (required)")
     parser.add_argument("--output-dir", type=Path, help="folder for the outputs (required)")
     parser.add_argument("--serve", action="store_true",
                         help="stay resident: take jobs as JSON lines on stdin (docs/stages.md, Resident workers)")
@@ -287,7 +321,7 @@ def accepts_cache(run: RunFunction) -> bool:
 
 
 def execute(
-    name: str, params: Mapping[str, Param], run: RunFunction, input: Path, output_dir: Path,
+    name: str, params: Mapping[str, Param], run: RunFunction, input: Path | str, output_dir: Path,
     targets: Sequence[tuple[str, int]], raw: Mapping[str, Any], cache: dict[str, Any] | None = None,
 ) -> int:
     """Run one job of a stage: coerce parameters, run, send ``done`` or ``failed``; the exit code."""
@@ -322,7 +356,7 @@ class ResidentRequestError(CuepipeError, ValueError):
     kind = ErrorKind.BAD_ARGUMENT
 
 
-def parse_request(line: str) -> tuple[str, Path, Path, list[tuple[str, int]], dict[str, Any]]:
+def parse_request(line: str) -> tuple[str, Path | str, Path, list[tuple[str, int]], dict[str, Any]]:
     try:
         req = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -339,7 +373,7 @@ def parse_request(line: str) -> tuple[str, Path, Path, list[tuple[str, int]], di
         targets = [parse_address(str(t)) for t in report]
     except ValueError as exc:
         raise ResidentRequestError(str(exc)) from None
-    return str(job), Path(str(input)), Path(str(output_dir)), targets, params
+    return str(job), job_input(str(input)), Path(str(output_dir)), targets, params
 
 
 def _channel() -> IO[str]:
@@ -351,8 +385,12 @@ def _channel() -> IO[str]:
     return channel
 
 
+#: A stage's optional preload hook (resident workers): load what ``run`` would, before the first job.
+PreloadFunction = Callable[..., None]
+
+
 def serve(name: str, params: Mapping[str, Param], run: RunFunction, stdin: IO[str] | None = None,
-          channel: IO[str] | None = None) -> int:
+          channel: IO[str] | None = None, preload: PreloadFunction | None = None) -> int:
     """The stage as a resident Worker: one process, many jobs, the model kept loaded between them.
 
         python -m cuepipe.stages.<name> --serve
@@ -367,32 +405,56 @@ def serve(name: str, params: Mapping[str, Param], run: RunFunction, stdin: IO[st
     stdout is the completion channel, so it is taken over before any job runs: the real stdout is
     kept for the channel and file descriptor 1 is pointed at stderr, so a library that prints
     cannot corrupt it. See docs/stages.md, "Resident workers".
+
+    ``{"preload": {...params}}`` asks the stage's ``preload`` hook (if it has one) to load now what a
+    job with these parameters would load (imports, the model session, a first inference), so the
+    first trigger does not pay for it. No completion line; a failure is only logged (the job that
+    needs it then fails on its own, with its kind).
     """
     stdin = stdin or sys.stdin
     channel = channel or _channel()
     cache: dict[str, Any] = {}
     log.info("%s worker ready (pid %d)", name, os.getpid())
-    for line in stdin:
-        if not line.strip():
-            continue
-        try:
-            job, input, output_dir, targets, raw = parse_request(line)
-        except ResidentRequestError as exc:
-            log.error("bad request: %s", exc)
-            channel.write(json.dumps({"job": None, "exit": EXIT_BAD_ARGUMENT, "error": str(exc)}) + "\n")
-            continue
-        log.info("job %s: %s", job, input)
-        code = execute(name, params, run, input, output_dir, targets, raw, cache)
-        channel.write(json.dumps({"job": job, "exit": code}) + "\n")
-        channel.flush()
-        if code == EXIT_INTERRUPTED:  # stopped by a signal: the process is being stopped
-            return code
+    try:
+        for line in stdin:
+            if not line.strip():
+                continue
+            if preload is not None and line.lstrip().startswith('{"preload"'):
+                _preload(name, params, preload, line, cache)
+                continue
+            try:
+                job, input, output_dir, targets, raw = parse_request(line)
+            except ResidentRequestError as exc:
+                log.error("bad request: %s", exc)
+                channel.write(json.dumps({"job": None, "exit": EXIT_BAD_ARGUMENT, "error": str(exc)}) + "\n")
+                continue
+            log.info("job %s: %s", job, input)
+            code = execute(name, params, run, input, output_dir, targets, raw, cache)
+            channel.write(json.dumps({"job": job, "exit": code}) + "\n")
+            channel.flush()
+            if code == EXIT_INTERRUPTED:  # stopped by a signal: the process is being stopped
+                return code
+    except KeyboardInterrupt as exc:  # stopped (a signal) while waiting for a job or preloading: no traceback
+        log.info("%s worker stopped: %s", name, exc)
+        return EXIT_INTERRUPTED
     return 0
+
+
+def _preload(name: str, params: Mapping[str, Param], preload: PreloadFunction, line: str,
+             cache: dict[str, Any]) -> None:
+    started = time.monotonic()
+    try:
+        raw = json.loads(line)["preload"]
+        preload(cache, **coerce_all(name, params, raw if isinstance(raw, dict) else {}))
+    except Exception as exc:  # a failed preload only costs the first job its speed
+        log.warning("preload failed (the first job loads instead): %s: %s", type(exc).__name__, exc)
+    else:
+        log.info("preloaded in %.0f ms", (time.monotonic() - started) * 1000)
 
 
 def stage_main(
     name: str, params: Mapping[str, Param], run: RunFunction, argv: Sequence[str] | None = None,
-    doc: str | None = None,
+    doc: str | None = None, preload: PreloadFunction | None = None,
 ) -> int:
     """Parse argv, run the stage (or serve jobs from stdin with ``--serve``), return the exit code."""
     parser = build_parser(name, params, doc)
@@ -405,7 +467,7 @@ def stage_main(
         log.warning("the launcher that started this stage is already gone; not starting")
         return EXIT_INTERRUPTED
     if args.serve:
-        return serve(name, params, run)
+        return serve(name, params, run, preload=preload)
     if args.input is None or args.output_dir is None:
         parser.error("--input and --output-dir are required (unless --serve)")
     try:

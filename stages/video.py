@@ -341,6 +341,13 @@ class DataExtent:
     duration: float | None  # None: the container declares none (or ffmpeg only estimated it from the bitrate)
     end: float | None  # the latest packet end over its video and audio streams; None: no packet
 
+    def covers(self, declared_frames: int) -> bool:
+        """Whether the packets last the declared duration, give or take three frames and 1 %."""
+        if self.duration is None or self.end is None or declared_frames <= 0:
+            return self.duration is None and self.end is not None  # nothing declared: nothing missing
+        slack = max(3 * self.duration / declared_frames, 0.01 * self.duration)
+        return self.end >= self.duration - slack
+
 
 _PACKET = re.compile(r"^(\d+),\s*(-?\d+),\s*(-?\d+),\s*(\d+),")
 _TIME_BASE = re.compile(r"^#tb (\d+): (\d+)/(\d+)")
@@ -419,8 +426,7 @@ def check_complete(path: Path, declared: int, decoded: int, *, allow: bool, even
             log.info("%s: %d of %d frames, but its container declares no duration: not truncated",
                      path, decoded, declared)
             return None
-        slack = max(3 * extent.duration / declared, 0.01 * extent.duration)
-        if extent.end is not None and extent.end >= extent.duration - slack:
+        if extent.covers(declared):
             log.info("%s: %d of %d (estimated) frames; its data lasts its whole %.2f s: complete",
                      path, decoded, declared, extent.duration)
             return None

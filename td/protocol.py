@@ -59,6 +59,7 @@ JOB_DONE: Spec = _space.JOB_DONE
 JOB_FAILED: Spec = _space.JOB_FAILED
 JOB_CANCELLED: Spec = _space.JOB_CANCELLED
 JOB_WARNING: Spec = _space.JOB_WARNING
+JOB_LIVE: Spec = _space.JOB_LIVE
 CMD_RUN: Spec = _space.CMD_RUN
 CMD_CANCEL: Spec = _space.CMD_CANCEL
 CMD_STATUS: Spec = _space.CMD_STATUS

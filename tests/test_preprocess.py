@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -263,8 +264,31 @@ def test_writer_failure_mid_run_leaves_no_output(clip: Path, tmp_path: Path,
     monkeypatch.setattr(VideoWriter, "write", failing_write)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="simulated"):
-        preprocess.run(clip, out)
+        preprocess.run(clip, out, passthrough="never")  # the transcode's writer (nothing to change otherwise)
     assert list(out.iterdir()) == []  # neither preprocessed.mkv nor its .part file
+
+
+def test_a_clip_with_nothing_to_change_is_handed_on_as_it_is(clip: Path, tmp_path: Path) -> None:
+    """No trim, re-time, rotation or resize: the input is linked (same file, no transcode), not re-encoded."""
+    rec = Recorder()
+    result = preprocess.run(clip, tmp_path / "out", events=StageEvents("preprocess", rec))  # type: ignore[arg-type]
+    (output,) = result.outputs
+    assert output == tmp_path / "out" / f"preprocessed{clip.suffix}" and output.read_bytes() == clip.read_bytes()
+    assert os.path.samefile(output, clip)  # a hard link: instant, no second copy on disk
+    assert result.frames == 40 and json.loads(rec.sent[0][1]["info"])["passthrough"] is True
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [output.name]  # no .part left
+    never = preprocess.run(clip, tmp_path / "never", passthrough="never").outputs[0]
+    assert never.name == "preprocessed.mkv" and not os.path.samefile(never, clip)
+    assert preprocess.run(clip, tmp_path / "trim", end_frame=5).frames == 5  # any change: the transcode
+
+
+def test_pass_through_copies_when_it_cannot_link(clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise OSError("cross-device link (simulated)")
+
+    monkeypatch.setattr(os, "link", no_links)
+    output = preprocess.run(clip, tmp_path / "out").outputs[0]
+    assert output.read_bytes() == clip.read_bytes() and not os.path.samefile(output, clip)
 
 
 class Recorder:

@@ -25,6 +25,7 @@ from cuepipe.stages.protocol import (
     REPLIES,
     STAGE_DONE,
     STAGE_EVENTS,
+    STAGE_LIVE,
     STAGE_PROGRESS,
     STAGE_WARNING,
     MessageSpec,
@@ -56,6 +57,10 @@ JOB_WARNING_PACKET = (
     b"/cuepipe/v1/job/warning\x00,sisss\x00\x0020261122-031500-a1b2\x00\x00\x00\x00\x00\x00\x00\x00"
     b"preprocess\x00\x00input_truncated\x00decoded 11 of 50 frames\x00"
 )
+STAGE_LIVE_PACKET = (
+    b"/cuepipe/v1/stage/live\x00\x00,sififf\x00matting\x00\x00\x00\x01,"
+    b"A\xf0\x00\x00\x00\x00\x00\x03B\x1c\x00\x00BH\x00\x00"
+)
 CMD_RUN_PACKET = (
     b"/cuepipe/v1/cmd/run\x00,sissis\x00btn1\x00\x00\x00\x00\x00\x00\x1bXmatte\x00\x00\x00"
     b"/takes/t1.mp4\x00\x00\x00\x00\x00\x00\nmatting.ratio=0.5\x00\x00\x00"
@@ -77,6 +82,8 @@ CASES: list[tuple[bytes, MessageSpec, dict[str, object]]] = [
     (JOB_WARNING_PACKET, JOB_WARNING,
      {"job": "20261122-031500-a1b2", "index": 0, "stage": "preprocess", "kind": "input_truncated",
       "message": "decoded 11 of 50 frames"}),
+    (STAGE_LIVE_PACKET, STAGE_LIVE,
+     {"stage": "matting", "frames": 300, "fps": 30.0, "dropped": 3, "latency_p50": 39.0, "latency_p95": 50.0}),
     (CMD_RUN_PACKET, CMD_RUN,
      {"tag": "btn1", "reply_port": 7000, "pipeline": "matte", "input": "/takes/t1.mp4", "priority": 10,
       "sets": ("matting.ratio=0.5",)}),

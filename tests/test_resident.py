@@ -156,3 +156,39 @@ def test_a_resident_generate_worker_changes_style_between_jobs_without_reloading
     diff = np.mean([np.abs(a[m][:, :3].astype(int) - b[m][:, :3]).mean()
                     for a, b, m in zip(*results, person, strict=True)])
     assert diff > 40  # each job in its own style (measured ~80 between styles 19 and 7)
+
+
+def test_warm_params_are_the_distinct_parameter_sets_of_warm_steps(tmp_path: Path) -> None:
+    from cuepipe.orchestrator.daemon import warm_params
+
+    text = pipelines_toml(
+        {"stall_timeout": 0},
+        a=[step(stage="matting", warm=True, ratio=0.25), step(stage="composite")],
+        b=[step(stage="matting", warm=True, ratio=0.25)],  # the same set once
+        c=[step(stage="matting", warm=True, ratio=0.5), step(stage="matting", ratio=0.75)])  # not warm: none
+    assert warm_params(parse(text, tmp_path / "pipelines.toml")) == {"matting": [{"ratio": 0.25}, {"ratio": 0.5}]}
+
+
+def test_a_new_resident_matting_worker_preloads_its_model_before_the_first_job(tmp_path: Path) -> None:
+    """Issue 12: the first trigger on a warm worker paid for imports, the session and ORT's first run
+    (~500 ms at 720p); a worker now preloads them when it starts, and the job reuses that session."""
+    from tests.support.rgba import person_frames, write_rgba
+
+    clip = write_rgba(tmp_path / "take.mkv", person_frames(2, width=64, height=48))
+    params = {"outputs": "alpha", "provider": "cpu", "ratio": 1.0}
+    pool = WorkerPool(tmp_path / "workers", preloads={"matting": [params]})
+    try:
+        pool.warm("matting")
+        [log_file] = (tmp_path / "workers").glob("matting-*.log")
+        deadline = time.monotonic() + 60
+        while "preloaded in" not in log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "preloaded in" in log_file.read_text()
+        pipelines = parse(pipelines_toml({"stall_timeout": 0}, m=[step(stage="matting", warm=True, **params)]),
+                          tmp_path / "pipelines.toml")
+        events: list[Message] = []
+        result = Job(pipelines.pipelines["m"], clip, events.append, out_dir=tmp_path / "out", pool=pool).run()
+        assert result.state is JobState.DONE, [e.fields for e in events]
+    finally:
+        pool.stop()
+    assert pool.started == 1 and log_file.read_text().count("session on") == 1  # loaded once: at preload
