@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -379,7 +380,8 @@ def resolve_request(pipelines: PipelineFile, name: str, sets: Sequence[str] = ()
             raise RequestError(f"{input}: a live input, but the first stage {first!r} of {name!r} takes files only",
                                ErrorKind.BAD_ARGUMENT)
         scheme, _, rest = input.partition("://")
-        input = Path(rest.split("?", 1)[0]) if scheme == "play" else None  # a file to play: checked below
+        # a file to play is checked below like any input (decoded as stages/live.py reads it)
+        input = Path(urllib.parse.unquote(rest.split("?", 1)[0])) if scheme == "play" else None
     if roots is not None:
         for stage in pipeline.stages:
             declared = stage_params(stage.name)

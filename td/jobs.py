@@ -54,6 +54,7 @@ class JobTable:
             "job/progress": self._progress, "job/stage_done": self._stage_done,
             "job/stage_failed": self._stage_failed, "job/done": self._job_done,
             "job/failed": self._job_failed, "job/cancelled": self._job_cancelled, "job/warning": self._job_warning,
+            "job/live": self._job_live,
             **self.daemon.handlers(),
         }
 
@@ -259,6 +260,15 @@ class JobTable:
         row = self.event_row(f["job"])
         if not row.final:
             row.index, row.stage, row.progress, row.fps = f["index"], f["stage"], f["overall"], f["fps"]
+            self._running(row)
+
+    def _job_live(self, f: dict[str, Any]) -> None:
+        """A live job (runs until cancelled): its rate and latency, in the fps and output columns."""
+        row = self.event_row(f["job"])
+        if not row.final:
+            row.index, row.stage, row.fps = f["index"], f["stage"], f["fps"]
+            row.live = (f"live: {f['frames']} frames, {f['dropped']} dropped, latency {f['latency_p50']:.0f} / "
+                        f"{f['latency_p95']:.0f} ms (p50 / p95)")
             self._running(row)
 
     def _stage_done(self, f: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ class JobRow:
     outputs: tuple[str, ...] = ()
     error: str = ""
     warnings: tuple[str, ...] = ()  # job/warning Events: "stage: kind: message"; shown where no error is
+    live: str = ""  # a live job's last job/live: frames, drops, latency; shown where an output would be
     stderr: str = ""
     created: float = 0.0
     last_event: float | None = None
@@ -54,7 +55,7 @@ class JobRow:
 
     @property
     def output(self) -> str:
-        return self.outputs[0] if self.outputs else ""
+        return self.outputs[0] if self.outputs else self.live
 
     def cells(self) -> list[str]:
         """The row as the strings a Table DAT shows, in ``COLUMNS`` order."""

@@ -54,6 +54,18 @@ def test_rows_follow_the_job_events() -> None:
     assert stage_done == [("J", 0, ("/w/a",))] and ended == [("J", "done")]
 
 
+def test_a_live_job_shows_its_rate_and_latency_where_an_output_would_be() -> None:
+    table = JobTable(now=Clock())
+    send(table, protocol.JOB_STARTED, job="L", pipeline="live", input="ndi://td-camera", stages=1)
+    assert send(table, protocol.JOB_LIVE, job="L", index=0, stage="matting", frames=300, fps=29.9, dropped=4,
+                latency_p50=27.0, latency_p95=31.2)
+    cells = table.rows["L"].cells()
+    assert cells[COLUMNS.index("state")] == "running" and cells[COLUMNS.index("fps")] == "29.9"
+    assert cells[COLUMNS.index("output")] == "live: 300 frames, 4 dropped, latency 27 / 31 ms (p50 / p95)"
+    send(table, protocol.JOB_CANCELLED, job="L", index=0, stage="matting")
+    assert table.rows["L"].state == "cancelled"
+
+
 def test_a_warning_shows_in_the_error_column_until_an_error_does() -> None:
     table = JobTable(now=Clock())
     send(table, protocol.JOB_STARTED, job="W", pipeline="prep", input="/in.mp4", stages=1)
