@@ -11,6 +11,10 @@ recurrent state and scene cuts; ``stages/generate.py``; ``stages/composite.py``)
 bounded, and a ``BufferPool`` lets ``prepare`` borrow reusable buffers (matting's input tensors)
 that ``process`` gives back, so memory stays flat however long the clip.
 
+The first batch is processed alone: the reader waits with the second until it is done, so the
+first result of a trigger (``cuepipe serve``'s warm path) is not slowed by decoding the next frame
+on the same cores; from then on decoding runs ahead as usual.
+
 One control stops everything: the first exception in any thread (or a KeyboardInterrupt in the
 calling thread) is kept, and every other thread is woken - from a full or empty queue, or from a
 pool with no free buffer - and unwinds quietly. Every thread is joined before ``run_frames``
@@ -162,11 +166,17 @@ def run_frames(source: Iterable[S], prepare: Callable[[S], P], process: Callable
     outputs: list[queue.Queue[Any]] = [queue.Queue(queue_size) for _ in sinks]
     done = 0
 
+    first_done = threading.Event()  # the first batch is processed alone (module docstring)
+
     def read() -> None:
         try:
-            for item in source:
+            for count, item in enumerate(source, 1):
                 prepared = prepare(item)
                 ctl.put(inputs, prepared)
+                if count == batch:
+                    while not first_done.wait(_POLL_S):
+                        if ctl.stop.is_set():
+                            raise _Stopped
             ctl.put(inputs, _END)
         except BaseException as exc:
             ctl.fail(exc)
@@ -196,6 +206,7 @@ def run_frames(source: Iterable[S], prepare: Callable[[S], P], process: Callable
             if not group:
                 break
             results = process(group)
+            first_done.set()
             if len(results) != len(group):
                 raise RuntimeError(f"process returned {len(results)} results for {len(group)} items")
             for result in results:
