@@ -318,9 +318,10 @@ def run_live(url: str, events: StageEvents, cache: dict[str, Any] | None, opts: 
 
     from cuepipe.stages.blend import to_bgra
     from cuepipe.stages.live import LiveStats, open_source
-    from cuepipe.stages.ndi import NdiSender
+    from cuepipe.stages.ndi import NdiSender, load_ndi
     from cuepipe.stages.rvm import InputBuffer, to_alpha, to_foreground
 
+    load_ndi()  # the output is NDI: without the extra, provider_unavailable now, before the model loads
     model_path, spec = resolve_model(opts["model"])
     model = _model(cache, model_path, opts["provider"], opts["threads"], opts["io_binding"])
     with open_source(url) as source:

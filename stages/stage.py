@@ -339,6 +339,9 @@ def execute(
         except StageError as exc:
             events.failed(exc.kind, exc.message)
             return EXIT_BAD_ARGUMENT if exc.kind is ErrorKind.BAD_ARGUMENT else EXIT_FAILED
+        except CuepipeError as exc:  # a library's own named error (the NDI extra missing, a ring peer gone)
+            events.failed(exc.kind, str(exc))
+            return EXIT_BAD_ARGUMENT if exc.kind is ErrorKind.BAD_ARGUMENT else EXIT_FAILED
         except KeyboardInterrupt:
             events.failed(ErrorKind.CANCELLED, "interrupted")
             return EXIT_INTERRUPTED
