@@ -19,7 +19,9 @@
 **Live** (``LIVE``): with a live ``--input`` (``ndi://SOURCE``, ``camera://N`` or ``play://clip.mp4``,
 ``stages/live.py``) the stage mattes the newest frame whenever it is ready for one and sends the
 person with alpha (RVM's foreground, BGRA) as the NDI source ``ndi_name`` (output ``ndi``, the only
-one live), each frame carrying its source frame's timecode, until it is cancelled. Frames the
+one live), each frame carrying its source frame's timecode, until it is cancelled. With
+``style_model`` (e.g. ``multistyle26``, ``style``) the person is restyled first, with the ``stylize``
+pipeline's steadiness (``stages/steady.py``: held box, denoise and smoothing 0.8, motion 12). Frames the
 source delivered while inference was busy are dropped and counted; a ``stage/live`` Event reports
 output fps, drops and source-to-output latency about once a second. The loop has no queue on
 purpose: every frame waiting behind another would add a whole inference to the latency.
@@ -118,6 +120,9 @@ PARAMS: dict[str, Param] = {
     "ndi_unique": Param(bool, False, "live: add a short suffix to the NDI name (several live jobs on one machine; "
                         "the name used is in the started info). Off: a name already taken fails the stage"),
     "live_timeout": Param(float, 30.0, "live: seconds to wait for the first frame of the source", minimum=0.1),
+    "style_model": Param(str, None, "live: restyle the person with this generator before sending (e.g. "
+                         "multistyle26; as the stylize pipeline's generate stage does)", kind=ParamKind.MODEL),
+    "style": Param(str, None, "live, with style_model: its style, e.g. 19 or 19:0.7,7:0.3"),
 }
 
 
@@ -330,9 +335,11 @@ def run_live(url: str, events: StageEvents, cache: dict[str, Any] | None, opts: 
             raise StageError(ErrorKind.INPUT_INVALID, f"{url}: no frame within {opts['live_timeout']:g} s")
         h, w = frame.image.shape[:2]
         ratio = opts["ratio"] or spec.recommended_downsample_ratio(w, h, opts["subject"])
+        restyle = _live_restyle(cache, opts, w, h)  # a bad style_model / style fails here, before any output
         with NdiSender(opts["ndi_name"], unique=opts["ndi_unique"]) as sender:
             events.started(input=url, live=True, width=w, height=h, model=opts["model"], provider=model.provider,
-                           ratio=ratio, ndi=sender.name, outputs=list(opts["outputs"]))
+                           ratio=ratio, ndi=sender.name, outputs=list(opts["outputs"]),
+                           style_model=opts["style_model"] or "", style=opts["style"] or "")
             stats, buffer, out = LiveStats(), InputBuffer(w, h, model.input_dtype), np.empty((h, w, 4), np.uint8)
             while True:
                 image = frame.image if frame.image.ndim == 3 and frame.image.shape[2] == 3 else \
@@ -341,8 +348,15 @@ def run_live(url: str, events: StageEvents, cache: dict[str, Any] | None, opts: 
                     h, w = image.shape[:2]
                     buffer, out = InputBuffer(w, h, model.input_dtype), np.empty((h, w, 4), np.uint8)
                     model.reset()
+                    restyle = _live_restyle(cache, opts, w, h)
                 fgr, pha = model.infer(buffer.fill(image), ratio)
-                sender.send(to_bgra(to_foreground(fgr), to_alpha(pha), out), timecode=frame.timecode)
+                alpha = to_alpha(pha)
+                if restyle is None:
+                    colour = to_foreground(fgr)
+                else:  # the picture and its matte, as matting's source_rgba output holds them
+                    [generated] = restyle.process([restyle.prepare((cv2.merge((*cv2.split(image), alpha)), None))])
+                    colour = generated.colour
+                sender.send(to_bgra(colour, alpha, out), timecode=frame.timecode)
                 stats.frame_out(frame.captured_ns)
                 events.progress(stats.frames, -1)
                 if stats.due():
@@ -350,6 +364,25 @@ def run_live(url: str, events: StageEvents, cache: dict[str, Any] | None, opts: 
                 while (frame := source.next(timeout_s=1.0)) is None:  # NDI reconnects meanwhile
                     if stats.due():
                         events.live(*stats.snapshot(source.dropped))
+
+
+def _live_restyle(cache: dict[str, Any] | None, opts: dict[str, Any], width: int, height: int) -> Any:
+    """The ``style_model`` generator's per-frame work for a ``width`` x ``height`` source, or None."""
+    if not opts["style_model"]:
+        return None
+    from cuepipe.stages.framing import FramePass
+    from cuepipe.stages.generate import resolve_contract
+    from cuepipe.stages.generator import Generator
+
+    path, contract = resolve_contract({"model": opts["style_model"]})
+    key = f"live-style:{path.resolve()}:{contract}:{opts['provider']}:{opts['threads']}"
+    gen = cache.get(key) if cache is not None else None
+    if gen is None:
+        gen = Generator(path, contract, opts["provider"], threads=opts["threads"])
+        if cache is not None:
+            cache[key] = gen
+    return FramePass(gen, "person", width, height, smoothing=0.8, hold=True, weights=gen.weights(opts["style"]),
+                     denoise=0.8, motion=12.0)
 
 
 def preload(cache: dict[str, Any], **params: Any) -> None:

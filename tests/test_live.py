@@ -6,6 +6,7 @@ and NDI on loopback (the ``ndi`` extra, installed by the test extra).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +208,33 @@ def test_live_matting_without_the_ndi_extra_fails_with_provider_unavailable_nami
     failed = fake_td.wait_for("stage/failed")
     assert proc.returncode == 1 and failed["kind"] == "provider_unavailable"
     assert "pip install -e '.[ndi]'" in failed["message"]
+
+
+def test_live_matting_with_a_style_model_sends_the_restyled_person(tmp_path: Path, fake_td: FakeTD) -> None:
+    """The live pipeline's "optionally generate": multistyle26 on the person, as stylize does it."""
+    import cv2
+
+    still = tmp_path / "still.mp4"
+    write_clip(still, None, W, H, frames=12, fps=24.0, still=True)  # one picture: compare with it
+    name = f"cp-style-{os.getpid()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cuepipe.stages.matting", "--input", f"play://{still}", "--output-dir",
+         str(tmp_path / "out"), "--outputs", "ndi", "--ndi-name", name, "--provider", "cpu", "--style-model",
+         "multistyle26", "--style", "19", "--report", fake_td.address],
+        cwd=ROOT, env=subprocess_env(), stderr=subprocess.DEVNULL)
+    try:
+        frames = receive(name, 10)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 130
+    source = cv2.VideoCapture(str(still))
+    try:
+        picture = source.read()[1]
+    finally:
+        source.release()
+    image = frames[-1]
+    person = image[:, :, 3] > 250
+    assert 0.02 < person.mean() < 0.5
+    assert np.abs(image[:, :, :3][person].astype(int) - picture[person]).mean() > 20  # restyled (~37 measured)
+    info = json.loads(fake_td.wait_for("stage/started")["info"])
+    assert (info["style_model"], info["style"]) == ("multistyle26", "19")
