@@ -68,27 +68,29 @@ class ResidentWorker:
         except psutil.Error:
             return False
 
-    def preload(self, params: Mapping[str, Any]) -> None:
-        """Ask the worker to load what a job with ``params`` needs, before any job (``stages.stage.serve``)."""
+    def _send(self, request: Mapping[str, Any]) -> bool:
+        """One JSON line to the worker's stdin; False if it cannot take it (its process is gone)."""
         stdin = self.worker.stdin
         if stdin is None:
-            return
-        with contextlib.suppress(OSError, ValueError):  # a dead worker: the next lease finds out
-            stdin.write(json.dumps({"preload": {k: v for k, v in params.items() if v is not None}}) + "\n")
+            return False
+        try:
+            stdin.write(json.dumps(request) + "\n")
             stdin.flush()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def preload(self, params: Mapping[str, Any]) -> None:
+        """Ask the worker to load what a job with ``params`` needs, before any job (``stages.stage.serve``);
+        a dead worker is found out by the next lease."""
+        self._send({"preload": {k: v for k, v in params.items() if v is not None}})
 
     def submit(self, job: str, input: Path | str, output_dir: Path, port: int, params: Mapping[str, Any]) -> bool:
         """Hand the worker a job; False if it could not take it (its process is gone)."""
         request = {"job": job, "input": str(input), "output_dir": str(output_dir),
                    "report": [f"127.0.0.1:{port}"], "params": {k: v for k, v in params.items() if v is not None}}
-        stdin = self.worker.stdin
-        if stdin is None:
-            return False
         self.job_log_start = self.worker.log_size()
-        try:
-            stdin.write(json.dumps(request) + "\n")
-            stdin.flush()
-        except (OSError, ValueError):
+        if not self._send(request):
             return False
         self.job = job
         return True

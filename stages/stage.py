@@ -336,11 +336,8 @@ def execute(
             kwargs["cache"] = cache
         try:
             result = run(input=input, output_dir=output_dir, events=events, **kwargs)
-        except StageError as exc:
+        except CuepipeError as exc:  # StageError, or a library's own (the NDI extra missing, a ring peer gone)
             events.failed(exc.kind, exc.message)
-            return EXIT_BAD_ARGUMENT if exc.kind is ErrorKind.BAD_ARGUMENT else EXIT_FAILED
-        except CuepipeError as exc:  # a library's own named error (the NDI extra missing, a ring peer gone)
-            events.failed(exc.kind, str(exc))
             return EXIT_BAD_ARGUMENT if exc.kind is ErrorKind.BAD_ARGUMENT else EXIT_FAILED
         except KeyboardInterrupt:
             events.failed(ErrorKind.CANCELLED, "interrupted")
