@@ -134,6 +134,11 @@ class Daemon:
                 if leftovers:
                     log.warning("killed %d stage process(es) left by the previous daemon: %s", len(leftovers),
                                 leftovers)
+                from cuepipe.stages.ringshm import sweep as sweep_rings  # numpy: imported when needed
+
+                rings = sweep_rings()  # and the frame rings of streamed jobs whose writers died with it
+                if rings:
+                    log.warning("removed %d frame ring(s) whose writer had died: %s", len(rings), rings)
                 self.pool = WorkerPool(config.state_dir / "workers", max_jobs=config.worker_max_jobs,
                                        max_rss=config.worker_max_rss,
                                        registry=ProcessRegistry(config.state_dir / _PROCESSES),

@@ -12,13 +12,11 @@ exactly one of ``done``, ``failed``, ``cancelled``, whatever fails in the launch
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -26,12 +24,13 @@ from typing import Any
 
 from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.pipeline import Pipeline, Step
+from cuepipe.orchestrator.publish import PublishError, publish_all
 from cuepipe.orchestrator.resident import ResidentTask, WorkerPool
 from cuepipe.orchestrator.transport import EventSocket
 from cuepipe.orchestrator.worker import ProcessRegistry, Task, Worker, WorkerError, stage_env
 from cuepipe.stages import STAGES
 from cuepipe.stages.codec import Message
-from cuepipe.stages.errors import CuepipeError, ErrorKind
+from cuepipe.stages.errors import ErrorKind
 from cuepipe.stages.protocol import (
     JOB_CANCELLED,
     JOB_DONE,
@@ -97,133 +96,6 @@ class JobResult:
     work_dir: Path | None = None
 
 
-class PublishError(CuepipeError, OSError):
-    """Publishing failed and was rolled back; ``index`` is the (src, dst) pair that failed."""
-
-    kind = ErrorKind.OUTPUT_ERROR
-
-    def __init__(self, message: str, index: int) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-@dataclass
-class _Output:
-    """One output being published, and how far it got (what a rollback must undo)."""
-
-    src: Path
-    dst: Path
-    part: Path  # hidden temporary beside dst: same file system, so phase 2 is renames only
-    copied: bool = False  # phase 1 copied src (another file system) instead of renaming it
-    staged: bool = False  # part holds the whole output
-    old: Path | None = None  # the previous output at dst, renamed aside in phase 2
-    placed: bool = False  # part was renamed to dst
-
-
-def _beside(dst: Path, tag: str) -> Path:
-    return dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.{tag}")
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or folder (a PNG sequence); a missing one is fine."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _stage(src: Path, part: Path) -> bool:
-    """Put ``src`` at ``part``: a rename on one file system, else a copy that leaves ``src`` in place
-    (so a failed publish keeps it in the work folder). Returns whether it copied."""
-    try:
-        os.rename(src, part)
-        return False
-    except OSError:  # EXDEV (another file system), or a rename this file system refuses: copy
-        pass
-    if src.is_dir():
-        shutil.copytree(src, part, copy_function=shutil.copy2)
-    else:
-        shutil.copy2(src, part)
-    return True
-
-
-def _roll_back(outputs: list[_Output]) -> list[str]:
-    """Undo a partial publish, last output first: previous outputs back at their final paths, renamed
-    sources back in the work folder, copies removed. Returns what could not be undone."""
-    problems: list[str] = []
-    for out in reversed(outputs):
-        try:
-            if out.placed:
-                os.rename(out.dst, out.part)
-                out.placed = False
-            if out.old is not None:
-                os.rename(out.old, out.dst)
-                out.old = None
-        except OSError as exc:
-            problems.append(f"{out.dst}: {exc}" + (f" (previous output kept at {out.old})" if out.old else ""))
-        if out.placed:  # the new output could not be taken back: nothing is at out.part
-            continue
-        try:
-            if out.staged and not out.copied:
-                try:
-                    os.rename(out.part, out.src)
-                    continue
-                except OSError:
-                    log.warning("cannot move %s back to %s; removing it", out.part, out.src, exc_info=True)
-            if os.path.lexists(out.part):
-                _remove(out.part)
-        except OSError as exc:
-            problems.append(f"{out.part}: {exc}")
-    return problems
-
-
-def publish_all(pairs: Sequence[tuple[Path, Path]]) -> list[Path]:
-    """Publish each ``(src, dst)`` pair (files, or folders such as PNG sequences): all or nothing.
-
-    Phase 1 puts every source at a hidden temporary beside its final path (a rename, or a copy across
-    file systems, where a full disk shows). Phase 2 renames any previous output aside (a folder cannot
-    be replaced in one rename on every OS) and each temporary into place. On any failure both phases
-    are undone — previous outputs restored, nothing new at a final path, no temporary left — and
-    ``PublishError`` names the output and the error. Previous outputs are deleted only at the end.
-    """
-    outputs = [_Output(src, dst, _beside(dst, "part")) for src, dst in pairs]
-    failed = 0
-    try:
-        for failed, out in enumerate(outputs):  # noqa: B007 - read in the except clause
-            out.dst.parent.mkdir(parents=True, exist_ok=True)
-            out.copied = _stage(out.src, out.part)
-            out.staged = True
-        for failed, out in enumerate(outputs):  # noqa: B007
-            if os.path.lexists(out.dst):
-                old = _beside(out.dst, "old")
-                os.rename(out.dst, old)
-                out.old = old
-            os.replace(out.part, out.dst)
-            out.placed = True
-    except BaseException as exc:
-        problems = _roll_back(outputs)
-        if not isinstance(exc, Exception):
-            raise
-        out = outputs[failed]
-        message = f"cannot publish {out.src.name} as {out.dst}: {exc}; nothing was published"
-        if problems:
-            message += f"; rollback incomplete: {'; '.join(problems)}"
-        raise PublishError(message, failed) from exc
-    for out in outputs:  # committed: what is left is cleanup, whose failure only leaves a hidden file
-        for leftover in (out.old, out.src if out.copied else None):
-            if leftover is not None:
-                try:
-                    _remove(leftover)
-                except OSError:
-                    log.warning("cannot remove %s", leftover, exc_info=True)
-    return [out.dst for out in outputs]
-
-
-def publish(src: Path, dst: Path) -> Path:
-    """Move ``src`` (a file, or a folder such as a PNG sequence) to ``dst`` atomically (``publish_all``)."""
-    return publish_all([(src, dst)])[0]
-
-
 class Job:
     """Runs a Pipeline on one input. ``run()`` blocks; ``cancel`` (a threading.Event) stops it."""
 
@@ -256,6 +128,7 @@ class Job:
         self.now = now
         self.work_dir = self.out_dir / defaults.WORK_DIR_NAME / self.job_id
         self._ended = False  # a terminal Event (done, failed, cancelled) was emitted
+        self._fractions = [0.0] * len(pipeline.stages)  # each Step's progress, for the overall fraction
 
     def _emit(self, spec: MessageSpec, **fields: Any) -> None:
         if spec in (JOB_DONE, JOB_FAILED, JOB_CANCELLED):
@@ -279,19 +152,18 @@ class Job:
         self._emit(JOB_STARTED, pipeline=self.pipeline.name, input=str(self.input), stages=n)
         index = 0
         try:
-            sock = EventSocket(STAGE_EVENTS)
-            try:
-                current: Path | str = self.input if isinstance(self.input, str) else self.input.resolve()
-                to_publish: list[tuple[int, Path]] = []  # (index of the stage that made it, output)
-                for index, stage in enumerate(self.pipeline.stages):
-                    attempt = self._stage(sock, index, stage, current)
-                    if not attempt.ok:
-                        return self._finish_failed(index, stage, attempt)
-                    current = attempt.outputs[0]
-                    if stage.keep or index == n - 1:
+            current: Path | str = self.input if isinstance(self.input, str) else self.input.resolve()
+            to_publish: list[tuple[int, Path]] = []  # (index of the stage that made it, output)
+            for group in self.pipeline.groups():
+                index = group[0]
+                attempts, failed = self._group(group, current)
+                if failed is not None:
+                    index = failed
+                    return self._finish_failed(failed, self.pipeline.stages[failed], attempts[group.index(failed)])
+                for index, attempt in zip(group, attempts, strict=True):
+                    if self.pipeline.stages[index].keep or index == n - 1:
                         to_publish.extend((index, p) for p in attempt.outputs)
-            finally:
-                sock.close()
+                current = attempts[-1].outputs[0] if attempts[-1].outputs else current
             try:
                 outputs = publish_all([(p, self._destination(p)) for _, p in to_publish])
             except PublishError as exc:
@@ -330,75 +202,143 @@ class Job:
             state = JobState.FAILED  # the work folder stays, with each stage's log, for diagnosis
         return JobResult(self.job_id, state, [], attempt.exit_code, kind, attempt.message, index, self.work_dir)
 
-    def _stage(self, sock: EventSocket, index: int, stage: Step, source: Path | str) -> Attempt:
-        """Run one stage with its retries; return the last attempt."""
-        for number in range(1, stage.retries + 2):
-            attempt = self._attempt(sock, index, stage, number, source)
-            if attempt.ok or attempt.kind is ErrorKind.CANCELLED:
-                return attempt
+    def _group(self, group: tuple[int, ...], source: Path | str) -> tuple[list[Attempt], int | None]:
+        """Run one group of Steps (one Step, or Steps joined by streams) with its retries: the attempts of
+        the last try (one a Step that started, in order) and the index of the Step that failed it, if any."""
+        number = 1
+        while True:
+            attempts, failed = self._try(group, number, source)
+            if failed is None:
+                return attempts, None
+            attempt, stage = attempts[group.index(failed)], self.pipeline.stages[failed]
+            if attempt.kind is ErrorKind.CANCELLED:
+                return attempts, failed
             retrying = number <= stage.retries
-            self._emit(JOB_STAGE_FAILED, index=index, stage=stage.name, attempt=number,
+            self._emit(JOB_STAGE_FAILED, index=failed, stage=stage.name, attempt=number,
                        exit_code=attempt.exit_code, kind=(attempt.kind or ErrorKind.INTERNAL).value,
                        message=attempt.message, stderr=attempt.stderr, retrying=int(retrying))
             if not retrying:
-                return attempt
-        raise AssertionError("unreachable")  # pragma: no cover
+                return attempts, failed
+            number += 1
 
-    def argv(self, stage: Step, source: Path | str, out: Path, port: int) -> list[str]:
+    def _try(self, group: tuple[int, ...], number: int, source: Path | str) -> tuple[list[Attempt], int | None]:
+        """One try of a group: its Steps start together, each streaming to the next through a frame ring.
+
+        The first failure stops every other Step of the group; the index returned with the attempts is the
+        Step that caused it (``_root``), so the Job reports the cause, not the broken streams it left
+        behind. Any ring a killed stage left is removed at the end (``unlink_orphan``), crash or not.
+        """
+        from cuepipe.stages.ringshm import new_name, unlink_orphan
+        from cuepipe.stages.stream import stream_url
+
+        rings = [new_name() for _ in group[1:]]
+        runs: list[_Run] = []
+        try:
+            for k, index in enumerate(group):
+                run = self._start(index, number, source if k == 0 else stream_url(rings[k - 1]),
+                                  rings[k] if k < len(rings) else None)
+                runs.append(run)
+                if run.code is not None:  # could not start
+                    break
+            first_failure: float | None = None
+            while any(run.code is None for run in runs):
+                for run in runs:
+                    if run.code is None:
+                        self._pump(run, defaults.POLL_INTERVAL / len(runs))
+                failures = [run for run in runs if run.code is not None and not run.result.ok]
+                if failures and first_failure is None:
+                    first_failure = self.now()
+                if failures and (any(r.result.kind is not ErrorKind.STREAM_BROKEN for r in failures)
+                                 or self.now() - (first_failure or 0.0) > _ROOT_GRACE_S or len(runs) < len(group)):
+                    failed = self.pipeline.stages[_root(failures).index].name
+                    for run in runs:
+                        if run.code is None:
+                            self._stop(run, ErrorKind.STREAM_BROKEN, f"stopped: stage {failed!r} failed")
+        finally:
+            for run in runs:
+                if run.code is None:  # an exception in the loop itself: never leave a tree running
+                    self._stop(run, ErrorKind.INTERNAL, "launcher error")
+            for name in rings:
+                unlink_orphan(name)
+        failures = [run for run in runs if not run.result.ok]
+        return [run.result for run in runs], _root(failures).index if failures else None
+
+    def _start(self, index: int, number: int, source: Path | str, stream_out: str | None) -> _Run:
+        """Start one attempt of Step ``index`` with its own Event socket (a launch failure: already ended)."""
+        stage = self.pipeline.stages[index]
+        tag = f"{index:02d}-{stage.name}" + (f"-attempt{number}" if number > 1 else "")
+        out = self.work_dir / tag
+        out.mkdir()
+        params = dict(stage.params) if stream_out is None else {**stage.params, "stream_out": stream_out}
+        sock = EventSocket(STAGE_EVENTS)
+        try:
+            task = self._launch(stage, source, out, sock.port, tag, params)
+        except WorkerError as exc:
+            sock.close()
+            return _Run(index, stage, number, None, None, Attempt(kind=ErrorKind.CRASHED, message=str(exc)),
+                        self.now(), NO_EXIT_CODE, streams=stream_out is not None)
+        except BaseException:
+            sock.close()
+            raise
+        return _Run(index, stage, number, sock, task, Attempt(), self.now(), streams=stream_out is not None)
+
+    def _pump(self, run: _Run, timeout: float) -> None:
+        """Take ``run``'s Events for up to ``timeout`` s, then check its process; end it when it exited or
+        must be stopped (cancel, timeout, stall)."""
+        assert run.sock is not None and run.task is not None  # a run that never started has its code already
+        for event in run.sock.receive(timeout):
+            run.last_event = self.now()
+            self._on_event(event, run)
+        code = run.task.poll()  # (a resident job's completion is handed out once)
+        if code is not None:
+            for event in run.sock.receive(0.0):  # the stage's last datagrams are queued already
+                self._on_event(event, run)
+            self._end(run, code)
+            return
+        run.task.scan()
+        reason = self._stop_reason(run.stage, run.task.started_at, run.last_event)
+        if reason is not None:
+            self._stop(run, *reason)
+
+    def _stop(self, run: _Run, kind: ErrorKind, message: str) -> None:
+        assert run.task is not None
+        run.result.kind, run.result.message = kind, message
+        self._end(run, run.task.stop())
+
+    def _end(self, run: _Run, code: int | None) -> None:
+        """The attempt is over: reap, judge, report ``stage_done`` when it succeeded."""
+        assert run.sock is not None and run.task is not None
+        run.code = NO_EXIT_CODE if code is None else code
+        run.task.cleanup()
+        run.sock.close()
+        run.ended_at = self.now()
+        result = run.result
+        result.exit_code, result.stderr = run.code, run.task.tail()
+        self._judge(result, run.streams)
+        if result.ok:
+            self._fractions[run.index] = 1.0
+            self._emit(JOB_STAGE_DONE, index=run.index, stage=run.stage.name, frames=result.frames,
+                       seconds=result.seconds, outputs=[str(p) for p in result.outputs])
+
+    def argv(self, stage: Step, source: Path | str, out: Path, port: int,
+             params: Mapping[str, Any] | None = None) -> list[str]:
         args = [self.python, "-m", STAGES[stage.name], "--input", str(source), "--output-dir", str(out),
                 "--report", f"127.0.0.1:{port}"]
-        for key, value in stage.params.items():
+        for key, value in (stage.params if params is None else params).items():
             if value is not None:  # --key=value: a value such as "[-1,1]" must not look like an option
                 args.append(f"{option(key)}={str(value).lower() if isinstance(value, bool) else value}")
         return args
 
-    def _attempt(self, sock: EventSocket, index: int, stage: Step, number: int, source: Path | str) -> Attempt:
-        tag = f"{index:02d}-{stage.name}" + (f"-attempt{number}" if number > 1 else "")
-        out = self.work_dir / tag
-        out.mkdir()
-        result = Attempt()
-        try:
-            worker = self._launch(stage, source, out, sock.port, tag)
-        except WorkerError as exc:
-            return Attempt(kind=ErrorKind.CRASHED, message=str(exc))
-        last_event = self.now()
-        code: int | None = None
-        try:
-            while code is None:
-                for event in sock.receive(defaults.POLL_INTERVAL):
-                    last_event = self.now()
-                    self._on_event(event, index, stage, number, result)
-                code = worker.poll()
-                if code is not None:
-                    for event in sock.receive(0.0):  # the stage's last datagrams are queued already
-                        self._on_event(event, index, stage, number, result)
-                    break
-                worker.scan()
-                reason = self._stop_reason(stage, worker.started_at, last_event)
-                if reason is not None:
-                    result.kind, result.message = reason
-                    code = worker.stop()
-        finally:
-            if code is None:  # an exception in the loop itself: never leave the tree running
-                code = worker.stop()
-            worker.cleanup()
-        result.exit_code = code
-        result.stderr = worker.tail()
-        self._judge(result)
-        if result.ok:
-            self._emit(JOB_STAGE_DONE, index=index, stage=stage.name, frames=result.frames,
-                       seconds=result.seconds, outputs=[str(p) for p in result.outputs])
-        return result
-
-    def _launch(self, stage: Step, source: Path | str, out: Path, port: int, tag: str) -> Task:
+    def _launch(self, stage: Step, source: Path | str, out: Path, port: int, tag: str,
+                params: Mapping[str, Any]) -> Task:
         """Start the stage: on a resident Worker from the pool when the stage is ``warm``, else cold."""
         if self.pool is not None and stage.warm:
             resident = self.pool.lease(stage.name, self.cancel)
-            if not resident.submit(self.job_id, source, out, port, stage.params):
+            if not resident.submit(self.job_id, source, out, port, params):
                 self.pool.release(resident, crashed=True)
                 raise WorkerError(f"the resident {stage.name} worker died before taking the job")
             return ResidentTask(self.pool, resident, self.now)
-        worker = Worker(self.argv(stage, source, out, port), out, self.work_dir / f"{tag}.log",
+        worker = Worker(self.argv(stage, source, out, port, params), out, self.work_dir / f"{tag}.log",
                         env=stage_env(), now=self.now, registry=self.registry)
         worker.start()
         return worker
@@ -414,8 +354,9 @@ class Job:
             return ErrorKind.STALLED, f"killed after {stage.stall_timeout:g}s without any event"
         return None
 
-    def _judge(self, result: Attempt) -> None:
-        """Decide success: the launcher's own stop, then the stage's report, exit code, done, files."""
+    def _judge(self, result: Attempt, streams: bool = False) -> None:
+        """Decide success: the launcher's own stop, then the stage's report, exit code, done, files (a stage
+        that streamed its first output to the next may name no file)."""
         if result.kind is not None:
             return
         code = result.exit_code
@@ -426,7 +367,7 @@ class Job:
             result.message = _describe_exit(code)
         elif not result.done:
             result.kind, result.message = ErrorKind.NO_DONE, "exited with code 0 without sending done"
-        elif not result.outputs:
+        elif not result.outputs and not streams:
             result.kind, result.message = ErrorKind.OUTPUT_ERROR, "done named no output file"
         else:
             missing = [p for p in result.outputs if not (p.is_file() or p.is_dir())]  # dirs: PNG sequences
@@ -434,8 +375,8 @@ class Job:
                 result.kind = ErrorKind.OUTPUT_ERROR
                 result.message = f"done named missing output(s): {', '.join(map(str, missing))}"
 
-    def _on_event(self, event: Message, index: int, stage: Step, number: int, result: Attempt) -> None:
-        name = event.spec.name
+    def _on_event(self, event: Message, run: _Run) -> None:
+        name, index, stage, number, result = event.spec.name, run.index, run.stage, run.number, run.result
         if event["stage"] != stage.name:
             log.warning("ignoring %s from stage %r while running %r", name, event["stage"], stage.name)
             return
@@ -444,9 +385,9 @@ class Job:
             self._emit(JOB_STAGE_STARTED, index=index, stage=stage.name, attempt=number, pid=event["pid"],
                        info=event["info"])
         elif name == "stage/progress":
+            self._fractions[index] = event["fraction"]  # streamed Steps progress together: the mean of all
             self._emit(JOB_PROGRESS, index=index, stage=stage.name, fraction=event["fraction"],
-                       frame=event["frame"], total=event["total"], fps=event["fps"],
-                       overall=(index + event["fraction"]) / n)
+                       frame=event["frame"], total=event["total"], fps=event["fps"], overall=sum(self._fractions) / n)
         elif name == "stage/done":
             result.done = True
             result.frames, result.seconds = event["frames"], event["seconds"]
@@ -462,6 +403,33 @@ class Job:
         elif name == "stage/live":
             self._emit(JOB_LIVE, index=index, stage=stage.name, frames=event["frames"], fps=event["fps"],
                        dropped=event["dropped"], latency_p50=event["latency_p50"], latency_p95=event["latency_p95"])
+
+
+#: After a Step fails with ``stream_broken``, how long its partners may take to report the failure that
+#: broke the stream (the root cause) before the launcher stops them.
+_ROOT_GRACE_S = 1.0
+
+
+@dataclass
+class _Run:
+    """One Step attempt in flight: its own Event socket and process (or resident job), what it reported."""
+
+    index: int
+    stage: Step
+    number: int
+    sock: EventSocket | None
+    task: Task | None
+    result: Attempt
+    last_event: float
+    code: int | None = None  # set once it is over
+    streams: bool = False  # its first output goes to the next Step's stream, not to a file
+    ended_at: float = 0.0
+
+
+def _root(failures: list[_Run]) -> _Run:
+    """The failure to report: the first to end that is not a stream broken by another's failure."""
+    causes = [r for r in failures if r.result.kind is not ErrorKind.STREAM_BROKEN] or failures
+    return min(causes, key=lambda r: (r.ended_at, r.index))
 
 
 def _describe_exit(code: int) -> str:

@@ -56,6 +56,7 @@ class Step:
     retries: int
     keep: bool  # also publish this stage's outputs (the last stage's are always published)
     warm: bool = False  # under `cuepipe serve`, run on a resident Worker that keeps its model loaded
+    stream: bool = False  # its input streams from the previous Step while that runs (stages/stream.py)
 
     def label(self, index: int) -> str:
         return f"{index} {self.name!r}"
@@ -71,6 +72,16 @@ class Pipeline:
     resource: str = defaults.RESOURCE  # which daemon slot pool the pipeline's jobs use (e.g. cpu, gpu)
     keep_running: bool = False  # the daemon starts it again after it fails (live jobs, exhibitions)
 
+    def groups(self) -> list[tuple[int, ...]]:
+        """The Steps' indices in runs that execute together: each Step that streams joins the previous one's."""
+        out: list[list[int]] = []
+        for index, step in enumerate(self.stages):
+            if step.stream and out:
+                out[-1].append(index)
+            else:
+                out.append([index])
+        return [tuple(g) for g in out]
+
 
 @dataclass(frozen=True)
 class PipelineFile:
@@ -78,8 +89,8 @@ class PipelineFile:
     pipelines: Mapping[str, Pipeline] = field(default_factory=dict)
 
 
-_STAGE_KEYS = {"stage", "params", "timeout", "stall_timeout", "retries", "keep", "warm"}
-_PIPELINE_KEYS = {"description", "stages", "out", "report", "resource", "keep_running"}
+_STAGE_KEYS = {"stage", "params", "timeout", "stall_timeout", "retries", "keep", "warm", "stream"}
+_PIPELINE_KEYS = {"description", "stages", "out", "report", "resource", "keep_running", "stream"}
 _DEFAULT_KEYS = {"timeout", "stall_timeout", "retries", "out", "report"}
 
 
@@ -104,6 +115,9 @@ def coerce_params(
     declared = stage_params(stage)
     out: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == "stream_out":
+            raise ConfigError(file, "set by the launcher for a streamed pipeline; declare stream = true instead",
+                              pipeline, label, key)
         if key not in declared:
             known = ", ".join(sorted(declared)) or "none"
             raise ConfigError(file, f"unknown parameter (stage {stage!r} takes: {known})", pipeline, label, key)
@@ -171,7 +185,7 @@ def _reports(file: Path, value: Any, pipeline: str | None) -> tuple[tuple[str, i
         raise ConfigError(file, str(exc), pipeline, key="report") from None
 
 
-def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, Any]) -> Step:
+def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, Any], stream: bool = False) -> Step:
     label = str(index)
     if not isinstance(raw, dict):
         raise ConfigError(file, "each stage must be a table", pipeline, label)
@@ -193,8 +207,8 @@ def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, A
     if not isinstance(params, dict):
         raise ConfigError(file, "params must be a table", pipeline, label, "params")
     merged = {**base, **{k: raw[k] for k in ("timeout", "stall_timeout", "retries") if k in raw}}
-    keep, warm = raw.get("keep", False), raw.get("warm", False)
-    for key, value in (("keep", keep), ("warm", warm)):
+    keep, warm, stream = raw.get("keep", False), raw.get("warm", False), raw.get("stream", stream and index > 0)
+    for key, value in (("keep", keep), ("warm", warm), ("stream", stream)):
         if not isinstance(value, bool):
             raise ConfigError(file, f"{key} must be true or false, got {value!r}", pipeline, label, key)
     stall = merged.get("stall_timeout")
@@ -207,7 +221,25 @@ def _stage(file: Path, pipeline: str, index: int, raw: Any, base: Mapping[str, A
         retries=int(_number(file, merged["retries"], "retries", pipeline, label, "retries", integer=True)),
         keep=keep,
         warm=warm,
+        stream=stream,
     )
+
+
+def _check_streams(file: Path, pipeline: str, steps: Sequence[Step]) -> None:
+    """Each streamed edge joins a Stage that can stream its output to one that can take a stream."""
+    for index, step in enumerate(steps):
+        if not step.stream:
+            continue
+        if index == 0:
+            raise ConfigError(file, "the first stage has no stage before it to stream from", pipeline,
+                              step.label(index), "stream")
+        before = steps[index - 1]
+        if "stream_out" not in stage_params(before.name):
+            raise ConfigError(file, f"stage {before.name!r} cannot stream its output (set stream = false here)",
+                              pipeline, step.label(index), "stream")
+        if not getattr(load(step.name), "STREAM_IN", False):
+            raise ConfigError(file, f"stage {step.name!r} cannot take a stream (set stream = false here)",
+                              pipeline, step.label(index), "stream")
 
 
 def parse(text: str, path: Path) -> PipelineFile:
@@ -255,14 +287,16 @@ def parse(text: str, path: Path) -> PipelineFile:
         if not isinstance(resource, str) or not resource:
             raise ConfigError(path, f"resource must be a name such as 'cpu' or 'gpu', got {resource!r}", pname,
                               key="resource")
-        keep_running = praw.get("keep_running", False)
-        if not isinstance(keep_running, bool):
-            raise ConfigError(path, f"keep_running must be true or false, got {keep_running!r}", pname,
-                              key="keep_running")
+        keep_running, stream = praw.get("keep_running", False), praw.get("stream", False)
+        for key, value in (("keep_running", keep_running), ("stream", stream)):
+            if not isinstance(value, bool):
+                raise ConfigError(path, f"{key} must be true or false, got {value!r}", pname, key=key)
+        steps = tuple(_stage(path, pname, i, s, base, stream) for i, s in enumerate(stages_raw))
+        _check_streams(path, pname, steps)
         pipelines[pname] = Pipeline(
             name=pname,
             description=description,
-            stages=tuple(_stage(path, pname, i, s, base) for i, s in enumerate(stages_raw)),
+            stages=steps,
             # Relative folders are relative to the pipelines file, not to whatever folder TD runs in.
             out=(path.parent / out).resolve(),
             report=default_report + _reports(path, praw.get("report", []), pname),
@@ -339,7 +373,8 @@ def describe(pipelines: PipelineFile) -> dict[str, Any]:
                 "out": str(p.out),
                 "stages": [
                     {"stage": s.name, "params": dict(s.params), "timeout": s.timeout,
-                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep, "warm": s.warm}
+                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep, "warm": s.warm,
+                     "stream": s.stream}
                     for s in p.stages
                 ],
             }

@@ -77,6 +77,13 @@ class Task(Protocol):
     def tail(self, lines: int = defaults.STDERR_TAIL_LINES) -> str: ...
 
 
+def _resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return any("multiprocessing.resource_tracker" in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 class ProcessRegistry:
     """The stage processes Workers have started and not yet reaped: one JSON file each in ``folder``.
 
@@ -358,8 +365,12 @@ class Worker:
         return code
 
     def cleanup(self) -> None:
-        """After the stage exited by itself: kill anything of its tree still running, close the log."""
-        if self._alive():
+        """After the stage exited by itself: kill anything of its tree still running, close the log.
+
+        Python's ``multiprocessing`` resource tracker (started by a stage that made or attached a frame
+        ring) is left alone: it ends by itself once its stage has, after unlinking whatever a crashed stage
+        left; it ignores SIGTERM, so stopping it would only cost the grace time and that cleanup."""
+        if [p for p in self._alive() if not _resource_tracker(p)]:
             self.stop(grace=0.5)
         else:
             if self._proc is not None:

@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # numpy / cv2 / ffmpeg helpers are imported in run()
 log = logging.getLogger(__name__)
 
 NAME = "composite"
+STREAM_IN = True  # takes a stream from the previous stage (ring://NAME, stages/stream.py)
 TRANSPARENT = ("none", "transparent")
 #: output name -> (file or folder name, stages.video.Codec value)
 OUTPUTS: dict[str, tuple[str, str]] = {
@@ -149,15 +150,19 @@ def _canvas(opts: dict[str, Any], layer: tuple[int, int]) -> tuple[int, int]:
     return info.width, info.height
 
 
-def _audio(opts: dict[str, Any], input: Path, image_folder: bool, duration: float | None) -> AudioSource | None:
+def _audio(opts: dict[str, Any], input: Path | str, reader: Any, duration: float | None) -> AudioSource | None:
+    import dataclasses
+
+    from cuepipe.stages.stream import input_audio
     from cuepipe.stages.video import AudioSource, has_audio
 
     choice = opts["audio"].strip()
     if choice.lower() == "none":
         return None
-    if choice.lower() == "input":
-        source = None if image_folder else input
-    elif choice.lower() == "background":
+    if choice.lower() == "input":  # a file's own track, or the one a stream describes (the source's)
+        found = input_audio(input, reader)
+        return found if found is None or found.duration is not None else dataclasses.replace(found, duration=duration)
+    if choice.lower() == "background":
         source = None if opts["transparent"] else Path(opts["background"].strip()).expanduser()
         if source is None or not source.is_file():
             raise bad_argument("audio", f"the background {opts['background']!r} is not a file that can hold audio")
@@ -165,9 +170,8 @@ def _audio(opts: dict[str, Any], input: Path, image_folder: bool, duration: floa
         source = Path(choice).expanduser()
         if not source.is_file():
             raise StageError(ErrorKind.INPUT_MISSING, f"{option('audio')}: file not found: {source}")
-    if source is None or not has_audio(source):
-        if choice.lower() != "input":
-            log.warning("%s has no audio: the output is silent", source)
+    if not has_audio(source):
+        log.warning("%s has no audio: the output is silent", source)
         return None
     return AudioSource(source, duration=duration)
 
@@ -177,20 +181,19 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
 
     from cuepipe.stages.blend import BackgroundMode, composite, parse_background, place
     from cuepipe.stages.framepipe import run_frames
-    from cuepipe.stages.rgba import RgbaReader
-    from cuepipe.stages.video import check_complete
+    from cuepipe.stages.stream import check_input, open_frames
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
-    input, output_dir = Path(input), Path(output_dir)
-    with RgbaReader(input) as reader, contextlib.ExitStack() as stack:
+    output_dir = Path(output_dir)
+    with open_frames(input, 4) as reader, contextlib.ExitStack() as stack:
         width, height = _canvas(opts, (reader.width, reader.height))
         background = None
         if not opts["transparent"]:
             background = stack.enter_context(parse_background(opts["background"], width, height,
                                                               BackgroundMode(opts["background_mode"])))
         expected, fps = reader.frame_count, reader.fps
-        audio = _audio(opts, input, reader.is_image_folder, expected / fps if expected > 0 else None)
+        audio = _audio(opts, input, reader, expected / fps if expected > 0 else None)
         sinks = [_sink(n, output_dir, width, height, fps, background is None, audio, stack) for n in opts["outputs"]]
         events.started(input=str(input), frames=expected, fps=fps, width=width, height=height,
                        layer_width=reader.width, layer_height=reader.height, has_alpha=reader.has_alpha,
@@ -214,7 +217,7 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
             events.progress(n, expected if n <= expected else -1)
 
         frames = run_frames(reader.frames(), prepare, process, sinks, on_frame=progress, name=NAME)
-        check_complete(input, expected, frames, allow=opts["allow_truncated"], events=events)
+        check_input(input, reader, expected, frames, allow=opts["allow_truncated"], events=events)
     if frames != expected:
         log.info("%d frames (the container estimated %d)", frames, expected)
         events.progress(frames, frames)

@@ -28,6 +28,7 @@ class ErrorKind(StrEnum):
     PROVIDER_UNAVAILABLE = "provider_unavailable"  # asked-for GPU provider not installed
     OUTPUT_ERROR = "output_error"  # cannot write the output
     INTERNAL = "internal"  # unexpected exception inside the stage
+    STREAM_BROKEN = "stream_broken"  # the stage streaming to or from this one failed or vanished (stages/stream.py)
     # Set by the launcher, never by a stage itself:
     CRASHED = "crashed"  # non-zero exit or killed by a signal without a failed Event
     NO_DONE = "no_done"  # exited 0 but never sent ``done``

@@ -63,6 +63,7 @@ from cuepipe.stages.protocol import WarningKind
 from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     PROVIDER,
+    STREAM_OUT,
     Param,
     ParamKind,
     StageError,
@@ -77,12 +78,15 @@ from cuepipe.stages.stage import (
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     from cuepipe.models.contract import GeneratorContract
     from cuepipe.stages.contactsheet import ContactSheet
-    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.framepipe import FrameWriter, Sink
     from cuepipe.stages.generator import Generator
+    from cuepipe.stages.stream import StreamInfo
+    from cuepipe.stages.video import AudioSource
 
 log = logging.getLogger(__name__)
 
 NAME = "generate"
+STREAM_IN = True  # takes a stream from the previous stage (ring://NAME, stages/stream.py)
 CONTACT_SHEET = "contact.png"
 MODES = ("auto", "person", "frame")
 #: output name -> (file or folder name, stages.video.Codec value, channels)
@@ -140,6 +144,7 @@ PARAMS: dict[str, Param] = {
     "pad": Param(str, None, "contract: padding up to the model's size: zero (default) or reflect",
                  choices=("zero", "reflect")),
     "vector_input": Param(str, None, "contract: name of a constant weight-vector input, fed from style"),
+    "stream_out": STREAM_OUT,
 }
 
 
@@ -196,13 +201,13 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
     from cuepipe.stages.framepipe import run_frames
     from cuepipe.stages.framing import FramePass, frame_source
     from cuepipe.stages.rgba import RgbaReader
-    from cuepipe.stages.video import check_complete
+    from cuepipe.stages.stream import StreamInfo, check_input, input_audio, open_frames
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
     model_path, contract = resolve_contract(opts)
-    input, output_dir = Path(input), Path(output_dir)
-    with RgbaReader(input) as reader, contextlib.ExitStack() as stack:
+    output_dir = Path(output_dir)
+    with open_frames(input, 4) as reader, contextlib.ExitStack() as stack:
         mode = opts["mode"] if opts["mode"] != "auto" else ("person" if reader.has_alpha else "frame")
         if mode == "person" and not reader.has_alpha:
             raise bad_argument("mode", f"person mode needs an input with alpha, and {input} has none (use the matting "
@@ -226,7 +231,11 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
         framer = FramePass(gen, mode, w, h, opts["threshold"], opts["margin"], opts["fit"], opts["max_side"],
                            opts["smoothing"], opts["scale"], opts["hold_box"], weights, opts["denoise"],
                            opts["motion"])
-        sinks = [_sink(name, input, output_dir, w, h, fps, reader.is_image_folder, stack) for name in opts["outputs"]]
+        audio, first = input_audio(input, reader), opts["outputs"][0]
+        stream = None if opts["stream_out"] is None else (opts["stream_out"], StreamInfo(
+            fps, expected, audio if OUTPUTS[first][1] != "png" else None, str(input)))
+        sinks = [_sink(name, output_dir, w, h, fps, audio, stack, stream if name == first else None)
+                 for name in opts["outputs"]]
         sheet = None
         if opts["contact_sheet"]:
             sheet = stack.enter_context(ContactSheet(output_dir / CONTACT_SHEET, ("source", "matte", "result"),
@@ -245,13 +254,14 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
 
         frames = run_frames(frame_source(reader, condition), framer.prepare, framer.process, sinks,
                             batch=contract.batch, on_frame=progress, name=NAME)
-        check_complete(input, expected, frames, allow=opts["allow_truncated"], events=events)
+        check_input(input, reader, expected, frames, allow=opts["allow_truncated"], events=events)
     if frames != expected:
         log.info("%d frames (the container estimated %d)", frames, expected)
         events.progress(frames, frames)
     log.info("generated %d of %d frames (the others had no person)%s", framer.generated, frames,
              f"; {framer.hold.changes} person box(es)" if framer.hold is not None else "")
-    outputs = tuple(output_dir / OUTPUTS[n][0] for n in opts["outputs"])
+    files = opts["outputs"][1:] if opts["stream_out"] else opts["outputs"]  # the first one streamed: no file
+    outputs = tuple(output_dir / OUTPUTS[n][0] for n in files)
     if sheet is not None and sheet.path.is_file():
         outputs += (sheet.path,)
     return StageResult(outputs=outputs, frames=frames)
@@ -299,20 +309,26 @@ def _sheet_sink(sheet: ContactSheet, width: int, height: int) -> Sink[Any]:
     return Sink("contact_sheet", sheet, convert)
 
 
-def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps: float, image_folder: bool,
-          stack: contextlib.ExitStack) -> Sink[Any]:
-    """Open the writer of one output (registered on ``stack``) and say how to fill it."""
+def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, audio: AudioSource | None,
+          stack: contextlib.ExitStack, stream: tuple[str, StreamInfo] | None = None) -> Sink[Any]:
+    """Open the writer of one output (registered on ``stack``) and say how to fill it; ``audio``: the
+    input's, carried by every output but PNGs; ``stream``: (ring name, description) to send its frames to
+    the next stage instead of writing its file."""
     import numpy as np
 
     from cuepipe.stages.blend import composite, to_bgra
     from cuepipe.stages.framepipe import Sink
     from cuepipe.stages.framing import Generated
-    from cuepipe.stages.video import AudioSource, Codec, VideoWriter, has_audio
+    from cuepipe.stages.stream import StreamWriter
+    from cuepipe.stages.video import Codec, VideoWriter
 
     file, codec, channels = OUTPUTS[name]
-    audio = AudioSource(input) if codec != "png" and not image_folder and has_audio(input) else None
-    writer = stack.enter_context(
-        VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
+    writer: FrameWriter
+    if stream is None:
+        writer = stack.enter_context(VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec),
+                                                 channels=channels, audio=None if codec == "png" else audio))
+    else:
+        writer = stack.enter_context(StreamWriter(stream[0], width, height, channels, stream[1]))
     out = np.empty((height, width, channels), np.uint8)  # write() has copied it into ffmpeg's pipe on return
 
     def convert(g: Generated) -> np.ndarray:

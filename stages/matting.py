@@ -61,6 +61,7 @@ from cuepipe.stages.geometry import BACKGROUND_WORDS
 from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     PROVIDER,
+    STREAM_OUT,
     Param,
     ParamKind,
     StageError,
@@ -76,12 +77,15 @@ from cuepipe.stages.stage import parse_outputs as stage_parse_outputs
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     import numpy as np
 
-    from cuepipe.stages.framepipe import Sink
+    from cuepipe.stages.framepipe import FrameWriter, Sink
     from cuepipe.stages.rvm import RVM, InputBuffer
+    from cuepipe.stages.stream import StreamInfo
+    from cuepipe.stages.video import AudioSource
 
 log = logging.getLogger(__name__)
 
 NAME = "matting"
+STREAM_IN = True  # takes a stream from the previous stage (ring://NAME, stages/stream.py)
 LIVE = True  # takes live inputs (stages/live.py): the orchestrator lets ndi://, camera://, play:// through
 LIVE_OUTPUTS = ("ndi",)
 PRELOAD_SIZE = (1280, 720)  # a resident worker's warm-up frame (preload): the most common show size
@@ -123,6 +127,7 @@ PARAMS: dict[str, Param] = {
     "style_model": Param(str, None, "live: restyle the person with this generator before sending (e.g. "
                          "multistyle26; as the stylize pipeline's generate stage does)", kind=ParamKind.MODEL),
     "style": Param(str, None, "live, with style_model: its style, e.g. 19 or 19:0.7,7:0.3"),
+    "stream_out": STREAM_OUT,
 }
 
 
@@ -162,21 +167,25 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
 
     ``cache`` (resident workers, ``docs/stages.md``): loaded sessions are kept in it between jobs.
     """
-    from cuepipe.stages.video import VideoReader, check_complete
+    from cuepipe.stages.stream import StreamInfo, check_input, input_audio, open_frames
 
     events = events or StageEvents(NAME, None)
     if is_live(input):
         return run_live(str(input), events, cache, _coerce(params, live=True))
     opts = _coerce(params)
-    input, output_dir = Path(input), Path(output_dir)
+    output_dir = Path(output_dir)
     model_path, spec = resolve_model(opts["model"])
-    with VideoReader(input) as reader, contextlib.ExitStack() as writers:
+    with open_frames(input, 3) as reader, contextlib.ExitStack() as writers:
         w, h, fps = reader.width, reader.height, reader.fps
         ratio = opts["ratio"] or spec.recommended_downsample_ratio(w, h, opts["subject"])
         model = _model(cache, model_path, opts["provider"], opts["threads"], opts["io_binding"])
-        sinks = [_sink(name, input, output_dir, w, h, fps, opts["background"], reader.is_image_folder, writers)
-                 for name in opts["outputs"]]
-        expected = reader.frame_count
+        expected, first = reader.frame_count, opts["outputs"][0]
+        # only if an output carries it: probing a file for audio costs a warm trigger ~50 ms
+        audio = input_audio(input, reader) if any(n in AUDIO_OUTPUTS for n in opts["outputs"]) else None
+        stream = None if opts["stream_out"] is None else (opts["stream_out"], StreamInfo(
+            fps, expected, audio if first in AUDIO_OUTPUTS else None, str(input)))
+        sinks = [_sink(name, output_dir, w, h, fps, opts["background"], audio if name in AUDIO_OUTPUTS else None,
+                       writers, stream if name == first else None) for name in opts["outputs"]]
         events.started(input=str(input), frames=expected, fps=fps, width=w, height=h, model=opts["model"],
                        provider=model.provider, precision=model.precision, ratio=ratio,
                        io_binding=model.io_binding, threads=opts["threads"], outputs=list(opts["outputs"]),
@@ -188,14 +197,14 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, cache:
         stats = matte_frames(reader, model, ratio, sinks, w, h, scene_cut=opts["scene_cut"],
                              foreground=any(_needs_foreground(n) for n in opts["outputs"]),
                              source=any(n in SOURCE_OUTPUTS for n in opts["outputs"]), on_frame=progress)
-        check_complete(input, expected, stats.frames, allow=opts["allow_truncated"], events=events)
+        check_input(input, reader, expected, stats.frames, allow=opts["allow_truncated"], events=events)
     if stats.frames != expected:
         log.info("%d frames (the container estimated %d)", stats.frames, expected)
         events.progress(stats.frames, stats.frames)
     if stats.scene_cuts:
         log.info("%d scene cut(s) reset the state", stats.scene_cuts)
-    outputs = tuple(output_dir / OUTPUTS[name][0] for name in opts["outputs"])
-    return StageResult(outputs=outputs, frames=stats.frames)
+    files = opts["outputs"][1:] if opts["stream_out"] else opts["outputs"]  # the first one streamed: no file
+    return StageResult(outputs=tuple(output_dir / OUTPUTS[name][0] for name in files), frames=stats.frames)
 
 
 @dataclass(frozen=True)
@@ -279,23 +288,27 @@ def _model(cache: dict[str, Any] | None, path: Path, provider: str, threads: int
     return model
 
 
-def _sink(name: str, input: Path, output_dir: Path, width: int, height: int, fps: float, background: str,
-          image_folder: bool, writers: contextlib.ExitStack) -> Sink[Matte]:
-    """Open the writer of one output (registered on ``writers``) and say how to fill it."""
+def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, background: str,
+          audio: AudioSource | None, writers: contextlib.ExitStack,
+          stream: tuple[str, StreamInfo] | None = None) -> Sink[Matte]:
+    """Open the writer of one output (registered on ``writers``) and say how to fill it. ``audio``: what it
+    carries (the composite to watch and the lossless RGBA for the next stage carry the input's); ``stream``:
+    (ring name, description) to send its frames to the next stage instead of writing its file."""
     import numpy as np
 
     from cuepipe.stages.blend import composite, parse_background, to_bgra
     from cuepipe.stages.framepipe import Sink
-    from cuepipe.stages.video import AudioSource, Codec, VideoWriter, has_audio
+    from cuepipe.stages.stream import StreamWriter
+    from cuepipe.stages.video import Codec, VideoWriter
 
     file, codec, channels = OUTPUTS[name]
     bg = writers.enter_context(parse_background(background, width, height)) if name == "composite" else None
-    audio = None
-    # the composite (to watch) and the lossless RGBA (the next stage's input) carry the input's audio
-    if name in AUDIO_OUTPUTS and not image_folder and has_audio(input):
-        audio = AudioSource(input)
-    writer = writers.enter_context(
-        VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
+    writer: FrameWriter
+    if stream is None:
+        writer = writers.enter_context(
+            VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
+    else:
+        writer = writers.enter_context(StreamWriter(stream[0], width, height, channels, stream[1]))
     if name in SOURCE_OUTPUTS:
         source_out = np.empty((height, width, channels), np.uint8)
 

@@ -61,12 +61,14 @@ from cuepipe.stages.geometry import Fit, Geometry, parse_color
 from cuepipe.stages.stage import (
     ALLOW_TRUNCATED,
     MAX_FRAME_SIDE,
+    STREAM_OUT,
     Param,
     StageError,
     StageEvents,
     StageResult,
     bad_argument,
     coerce_all,
+    is_stream,
     option,
     stage_main,
 )
@@ -98,6 +100,7 @@ PARAMS: dict[str, Param] = {
     "passthrough": Param(str, "auto", "auto: when no other parameter changes anything, hand the input on as it is "
                          "(linked, else copied) instead of transcoding it; never: always transcode",
                          choices=("auto", "never")),
+    "stream_out": STREAM_OUT,
 }
 
 _HALF = Fraction(1, 2)
@@ -137,16 +140,20 @@ def _trim(opts: dict[str, Any], src_fps: Fraction) -> tuple[int, int | None]:
 
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
     """Preprocess ``input`` into ``output_dir/preprocessed.<mkv|mp4>``; see the module docstring."""
+    from cuepipe.stages.stream import StreamInfo, StreamWriter, input_audio
     from cuepipe.stages.video import AudioSource, Codec, VideoReader, VideoWriter, check_complete, fps_fraction
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
     pad_bgr = parse_color(opts["pad_color"])
     codec = Codec(opts["codec"])
-    input, output = Path(input), Path(output_dir) / f"{OUTPUT_STEM}{codec.suffix}"
+    output = Path(output_dir) / f"{OUTPUT_STEM}{codec.suffix}"
+    stream = opts["stream_out"]  # set: the output's frames go to the next stage's stream (stages/stream.py)
+    if is_stream(input):
+        raise StageError(ErrorKind.BAD_ARGUMENT, f"{input}: preprocess reads files, not streams (it comes first)")
     with VideoReader(input, image_fps=opts["image_fps"]) as reader:  # INPUT_INVALID for what is not a video
-        if opts["passthrough"] == "auto" and _changes_nothing(opts) and not reader.is_image_folder:
-            passed = _pass_through(input, Path(output_dir), reader.frame_count, events,
+        if stream is None and opts["passthrough"] == "auto" and _changes_nothing(opts) and not reader.is_image_folder:
+            passed = _pass_through(Path(input), Path(output_dir), reader.frame_count, events,
                                    dict(width=reader.width, height=reader.height, fps=reader.fps))
             if passed is not None:
                 return passed
@@ -161,8 +168,13 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
         audio = None  # the trimmed range's audio, if any (an empty range fails below, for want of frames)
         if not reader.is_image_folder and expected != 0:
             duration = float(expected / out_fps) if expected > 0 else None  # as long as the output video
-            audio = AudioSource(input, start=float(start / src_fps), duration=duration)
-        with VideoWriter(output, *geometry.size, fps=out_fps, codec=codec, audio=audio) as writer:
+            audio = AudioSource(Path(input), start=float(start / src_fps), duration=duration)
+        if stream is not None:  # the next stage muxes it from the source: only a track that exists, and for an
+            has = input_audio(input, reader)  # input changed in nothing, as a handed-on file would have given it
+            audio = has if _changes_nothing(opts) else audio if has is not None else None
+        with (VideoWriter(output, *geometry.size, fps=out_fps, codec=codec, audio=audio) if stream is None else
+              StreamWriter(stream, *geometry.size, 3, StreamInfo(float(out_fps), expected, audio, str(input)))
+              ) as writer:
             events.started(input=str(input), width=geometry.size[0], height=geometry.size[1],
                            fps=float(out_fps), frames=expected, source_width=reader.width,
                            source_height=reader.height, source_fps=float(src_fps), codec=codec.value)
@@ -178,8 +190,8 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
                     writer.write(queue.popleft())
                     written += 1  # past an underestimated total, report it as unknown (-1)
                     events.progress(written, expected if written <= expected else -1)
-            check_complete(input, reader.frame_count, reader.position, allow=opts["allow_truncated"], events=events,
-                           start=start, stop=stop)
+            check_complete(Path(input), reader.frame_count, reader.position, allow=opts["allow_truncated"],
+                           events=events, start=start, stop=stop)
             if written == 0:  # leaving the with block by an exception discards the partial file
                 where = f"source frames {start} to {'the end' if stop is None else stop}"
                 found = "none exist" if seen == 0 else f"{seen} exist, too few at {float(out_fps):g} fps"
@@ -188,12 +200,12 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
     if written != expected:
         log.warning("wrote %d frames, expected %d (the source has %d in range)", written, expected, seen)
         events.progress(written, written)
-    return StageResult(outputs=(output,), frames=written)
+    return StageResult(outputs=() if stream is not None else (output,), frames=written)
 
 
 def _changes_nothing(opts: dict[str, Any]) -> bool:
     """Every parameter but ``passthrough`` (and the image folders' rate) at its default."""
-    return all(opts[k] == p.default for k, p in PARAMS.items() if k not in ("passthrough", "image_fps"))
+    return all(opts[k] == p.default for k, p in PARAMS.items() if k not in ("passthrough", "image_fps", "stream_out"))
 
 
 def _pass_through(input: Path, output_dir: Path, declared: int, events: StageEvents,

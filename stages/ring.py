@@ -30,8 +30,9 @@ unread frame, counts a drop and returns False, and the reader skips to the oldes
 Memory layout (``stages/ringshm.py``, which also owns the segment's life on each platform)::
 
     0      header, 4 lines of 64 B: geometry and policy | writer pid | head, writer state | tail, reader
-    256    slot 0: 64 B slot header (lock, seq, timestamp_ns, width, height, channels, nbytes), frame
-    ...    slot i at 256 + i * stride; stride = 64 + frame bytes rounded up to 64; seq s in slot (s-1) % slots
+    256    info: up to 4 KiB the writer describes the stream with (``create(info=...)``, ``ring.info``)
+    4352   slot 0: 64 B slot header (lock, seq, timestamp_ns, width, height, channels, nbytes), frame
+    ...    slot i at 4352 + i * stride; stride = 64 + frame bytes rounded up to 64; seq s in slot (s-1) % slots
 
 Synchronisation, single producer / single consumer, no cross-process lock: ``head`` (frames
 published) is written by the writer only, ``tail`` (frames consumed) by the reader only. Each slot
@@ -134,6 +135,7 @@ class _End:
         self._seg, self.name, self.geometry, self.policy = seg, seg.name, seg.geometry, seg.policy
         self.timeout_s, self._now = timeout_s, now
         self._closed = False
+        self.info = seg.info  # what the writer described the stream with (create's ``info``)
         self._next_check = 0.0
         self._frames = self._dropped = self._torn = 0
         self._waited_s = 0.0
@@ -199,14 +201,15 @@ class RingWriter(_End):
     def create(cls, slots: int, width: int, height: int, channels: int = 4,
                policy: RingPolicy | str = RingPolicy.BLOCK, *, dtype: npt.DTypeLike = "uint8",
                name: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, now: Clock = time.monotonic,
-               ) -> RingWriter:
-        """A new ring named ``name`` (default: ``cp`` + 12 random hex digits); ``timeout_s``: put's default."""
+               info: bytes = b"") -> RingWriter:
+        """A new ring named ``name`` (default: ``cp`` + 12 random hex digits); ``timeout_s``: put's default;
+        ``info``: up to 4 KiB for the reader (``RingReader.info``), e.g. the frame rate."""
         geometry = RingGeometry.make(slots, width, height, channels, dtype)
         try:
             policy = RingPolicy(policy)
         except ValueError as exc:
             raise RingGeometryError(f"policy must be one of {', '.join(RingPolicy)}, got {policy!r}") from exc
-        return cls(Segment.create(geometry, policy, name), timeout_s, now)
+        return cls(Segment.create(geometry, policy, name, info), timeout_s, now)
 
     def _watch(self) -> bool:
         state = self._seg.header[H.READER_STATE]

@@ -9,10 +9,11 @@ Layout (native-endian int64 fields; the header and every slot start on a 64-byte
 
     offset 0     header: 4 lines of 64 bytes (HEADER); lines 0-1 are written once, by the creator
       line 0     magic b"CPRING01", version, slots, width, height, channels, dtype code, policy code
-      line 1     slot stride, frame nbytes, writer pid, writer creation time (µs since the epoch)
+      line 1     slot stride, frame nbytes, writer pid, writer creation time (µs since the epoch), info length
       line 2     head: frames published; writer state (open / closed: end of stream / aborted)  - writer
       line 3     tail: frames consumed; reader state (none / attached / closed), reader pid and creation
-    offset 256 + i * stride: slot i; frame seq s (1, 2, ...) lives in slot (s - 1) % slots
+    offset 256   info: up to 4 KiB the creator writes once (stages/stream.py: JSON with fps, frame count, audio)
+    offset 4352 + i * stride: slot i; frame seq s (1, 2, ...) lives in slot (s - 1) % slots
       +0         lock (seqlock: odd while the writer writes the slot), seq, timestamp_ns, width, height,
                  channels, nbytes
       +64        the frame, height x width x channels of dtype, C order; stride = 64 + nbytes rounded to 64
@@ -54,9 +55,11 @@ __all__ = ["EndOfStream", "RingAborted", "RingClosed", "RingError", "RingGeometr
 log = logging.getLogger(__name__)
 
 MAGIC = int.from_bytes(b"CPRING01", "little")
-VERSION = 1
+VERSION = 2  # 2: the info area
 LINE = 64  # bytes: the alignment of the header lines, the slots and the frames
 HEADER = 4 * LINE
+INFO = 4096  # bytes: the creator's description of what flows (``Segment.info``)
+FRAMES = HEADER + INFO  # where slot 0 starts
 DTYPES = ("uint8", "uint16", "float16", "float32")  # a dtype's code is its index + 1
 NAME_PREFIX = "cp"  # + 12 hex digits: 14 characters, well under macOS's 31 for a POSIX shm name
 _NAME_RE = re.compile(r"[A-Za-z0-9_]{1,30}")
@@ -67,7 +70,7 @@ class H(IntEnum):
     """Header fields: int64 indices into the header (8 a line)."""
 
     MAGIC, VERSION, SLOTS, WIDTH, HEIGHT, CHANNELS, DTYPE, POLICY = range(8)  # line 0
-    STRIDE, NBYTES, WRITER_PID, WRITER_CREATED = range(8, 12)  # line 1
+    STRIDE, NBYTES, WRITER_PID, WRITER_CREATED, INFO_LEN = range(8, 13)  # line 1
     HEAD, WRITER_STATE = range(16, 18)  # line 2: the writer's
     TAIL, READER_STATE, READER_PID, READER_CREATED = range(24, 28)  # line 3: the reader's
 
@@ -160,7 +163,7 @@ class RingGeometry:
 
     @property
     def size(self) -> int:
-        return HEADER + self.slots * self.stride
+        return FRAMES + self.slots * self.stride
 
     @classmethod
     def make(cls, slots: int, width: int, height: int, channels: int, dtype: npt.DTypeLike) -> RingGeometry:
@@ -232,6 +235,39 @@ def unlink_orphan(name: str) -> None:
         resource_tracker.unregister(getattr(orphan, "_name", "/" + name), "shared_memory")
 
 
+def sweep(folder: str = _SHM_DIR) -> list[str]:
+    """Unlink every ring in ``folder`` whose writer process is gone; the names removed.
+
+    For what nothing else catches: a writer killed together with its resource tracker (a whole
+    process tree, or a daemon's group, killed hard) when no launcher was left to remove the ring.
+    Linux only: it is the one system that lists its POSIX segments (``/dev/shm``); macOS cannot list
+    them (the trackers and the launcher's ``unlink_orphan`` remain), and on Windows a segment goes
+    with its last handle. A ring whose creator has not written its identity yet is left alone.
+    """
+    if not sys.platform.startswith("linux") or not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        if not re.fullmatch(rf"{NAME_PREFIX}[0-9a-f]{{12}}", entry):
+            continue
+        try:
+            shm = attach_segment(entry)
+        except (RingNotFound, OSError, ValueError):
+            continue
+        try:
+            if shm.size < HEADER:
+                continue
+            fields = np.ndarray((HEADER // 8,), np.int64, buffer=shm.buf)
+            pid, created = int(fields[H.WRITER_PID]), int(fields[H.WRITER_CREATED])
+            del fields
+        finally:
+            shm.close()
+        if pid and not alive(pid, created):
+            unlink_orphan(entry)
+            removed.append(entry)
+    return removed
+
+
 def exists(name: str) -> bool:
     """Whether a segment of that name exists (attached without tracking, and closed again)."""
     try:
@@ -267,14 +303,18 @@ class Segment:
     def __init__(self, shm: SharedMemory) -> None:
         self.shm, self.name = shm, shm.name
         self.header = np.ndarray((HEADER // 8,), np.int64, buffer=shm.buf)
+        self.raw = np.ndarray((HEADER + INFO,), np.uint8, buffer=shm.buf) if shm.size >= HEADER + INFO else \
+            np.zeros(HEADER + INFO, np.uint8)  # a segment too small for a ring: attach refuses it below
         self.meta: list[np.ndarray] = []
         self.data: list[np.ndarray] = []
         self.geometry = RingGeometry(0, 0, 0, 0, np.dtype("uint8"))  # set by create / attach
         self.policy = RingPolicy.BLOCK
 
     @classmethod
-    def create(cls, geometry: RingGeometry, policy: RingPolicy, name: str | None) -> Segment:
-        """A new ring's segment, its header written (the writer's identity included)."""
+    def create(cls, geometry: RingGeometry, policy: RingPolicy, name: str | None, info: bytes = b"") -> Segment:
+        """A new ring's segment, its header and ``info`` (<= INFO bytes) written (the writer's identity included)."""
+        if len(info) > INFO:
+            raise RingGeometryError(f"a ring's info holds at most {INFO} bytes, got {len(info)}")
         while True:
             ring_name = check_name(name) if name is not None else new_name()
             try:
@@ -288,6 +328,8 @@ class Segment:
             h[H.SLOTS:H.POLICY + 1] = (geometry.slots, geometry.width, geometry.height, geometry.channels,
                                        DTYPES.index(geometry.dtype.name) + 1, list(RingPolicy).index(policy) + 1)
             h[H.STRIDE:H.WRITER_CREATED + 1] = (geometry.stride, geometry.nbytes, *identity())
+            seg.raw[HEADER:HEADER + len(info)] = np.frombuffer(info, np.uint8)
+            h[H.INFO_LEN] = len(info)
             h[H.WRITER_STATE] = WriterState.OPEN
             h[H.VERSION] = VERSION
             h[H.MAGIC] = MAGIC  # last: a ring is valid once its magic is there
@@ -303,13 +345,16 @@ class Segment:
         seg = cls(attach_segment(check_name(name)))
         try:
             h = seg.header
+            if seg.shm.size >= HEADER and h[H.MAGIC] == 0:  # its creator has not finished its header yet
+                raise RingNotFound(f"frame ring {name!r} is being created")
             if seg.shm.size < HEADER or h[H.MAGIC] != MAGIC or h[H.VERSION] != VERSION:
                 raise RingError(f"{name!r} is not a frame ring of version {VERSION}", ErrorKind.INPUT_INVALID)
             if not 1 <= h[H.DTYPE] <= len(DTYPES) or not 1 <= h[H.POLICY] <= len(RingPolicy):
                 raise RingError(f"frame ring {name}: corrupt header", ErrorKind.INPUT_INVALID)
             geometry = RingGeometry.make(int(h[H.SLOTS]), int(h[H.WIDTH]), int(h[H.HEIGHT]), int(h[H.CHANNELS]),
                                          DTYPES[int(h[H.DTYPE]) - 1])
-            if (h[H.STRIDE], h[H.NBYTES]) != (geometry.stride, geometry.nbytes) or seg.shm.size < geometry.size:
+            if ((h[H.STRIDE], h[H.NBYTES]) != (geometry.stride, geometry.nbytes) or seg.shm.size < geometry.size
+                    or not 0 <= h[H.INFO_LEN] <= INFO):
                 raise RingError(f"frame ring {name}: corrupt header", ErrorKind.INPUT_INVALID)
             seg.map(geometry, list(RingPolicy)[int(h[H.POLICY]) - 1])
         except BaseException:
@@ -320,11 +365,17 @@ class Segment:
     def map(self, geometry: RingGeometry, policy: RingPolicy) -> None:
         self.geometry, self.policy = geometry, policy
         for i in range(geometry.slots):
-            offset = HEADER + i * geometry.stride
+            offset = FRAMES + i * geometry.stride
             self.meta.append(np.ndarray((LINE // 8,), np.int64, buffer=self.shm.buf, offset=offset))
             self.data.append(np.ndarray(geometry.shape, geometry.dtype, buffer=self.shm.buf, offset=offset + LINE))
 
+    @property
+    def info(self) -> bytes:
+        """What the creator wrote into the info area."""
+        return self.raw[HEADER:HEADER + int(self.header[H.INFO_LEN])].tobytes()
+
     def close(self, unlink: bool) -> None:
+        self.raw = np.zeros(HEADER + INFO, np.uint8)
         self.header = np.zeros(HEADER // 8, np.int64)  # detached: later stray reads see zeros, not the mapping
         self.meta, self.data = [], []
         try:

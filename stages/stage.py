@@ -229,9 +229,25 @@ def is_live(value: str | os.PathLike[str]) -> bool:
     return bool(sep) and scheme in LIVE_SCHEMES
 
 
+#: URL scheme of a stream between two stages of one job (``stages/stream.py``): ``ring://NAME``.
+STREAM_SCHEME = "ring"
+
+
+def is_stream(value: str | os.PathLike[str]) -> bool:
+    """Whether an input names a stream from the previous stage (``ring://NAME``), not a file."""
+    return str(value).startswith(f"{STREAM_SCHEME}://")
+
+
 def job_input(value: str | os.PathLike[str]) -> Path | str:
-    """An input as given: a live URL stays its text (a Path would fold its ``//``), anything else a Path."""
-    return str(value) if is_live(value) else Path(value)
+    """An input as given: a live or stream URL stays its text (a Path would fold its ``//``), anything else
+    a Path."""
+    return str(value) if is_live(value) or is_stream(value) else Path(value)
+
+
+#: ``stream_out``, declared by every stage that can stream its first output to the next stage
+#: (``stages/stream.py``); set by the launcher for ``stream = true`` pipelines, never in pipelines.toml.
+STREAM_OUT = Param(str, None, "set by the launcher (stream = true): send the first output's frames to this "
+                              "frame ring instead of its file")
 
 
 RunFunction = Callable[..., StageResult]

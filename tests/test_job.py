@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cuepipe.orchestrator.job import Job, publish
+from cuepipe.orchestrator.job import Job
+from cuepipe.orchestrator.publish import publish
 from tests.support.env import subprocess_env
 from tests.support.fake_td import FakeTD
 from tests.support.pipelines import pipelines_toml, step
@@ -251,8 +252,8 @@ def test_publish_never_leaves_partial_file(tmp_path: Path, monkeypatch: pytest.M
         Path(b).write_bytes(b"x" * 10)  # half copied, then the disk fills up
         raise OSError(errno.ENOSPC, "disk full")
 
-    monkeypatch.setattr("cuepipe.orchestrator.job.os.rename", cross_device)
-    monkeypatch.setattr("cuepipe.orchestrator.job.shutil.copy2", broken_copy)
+    monkeypatch.setattr("cuepipe.orchestrator.publish.os.rename", cross_device)
+    monkeypatch.setattr("cuepipe.orchestrator.publish.shutil.copy2", broken_copy)
     with pytest.raises(OSError):
         publish(src, dst)
     assert not dst.exists()

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from cuepipe.orchestrator.foreground import run_job
-from cuepipe.orchestrator.job import PublishError, publish_all
 from cuepipe.orchestrator.pipeline import load_file
+from cuepipe.orchestrator.publish import PublishError, publish_all
 from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import EXIT_FAILED
 from tests.support.env import subprocess_env

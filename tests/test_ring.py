@@ -348,7 +348,12 @@ def test_bad_geometry_frames_and_closed_ends_are_named_errors() -> None:
 def test_not_a_ring_and_a_full_ring_time_out() -> None:
     junk = SharedMemory(create=True, size=4096)
     try:
-        np.ndarray((HEADER // 8,), np.int64, buffer=junk.buf)[H.WRITER_PID] = os.getpid()  # tracker entry stays ours
+        header = np.ndarray((HEADER // 8,), np.int64, buffer=junk.buf)
+        header[H.WRITER_PID] = os.getpid()  # tracker entry stays ours
+        with pytest.raises(RingNotFound, match="being created"):  # no magic yet: its creator may be writing it
+            RingReader.attach(junk.name)
+        header[H.MAGIC] = 12345
+        del header
         with pytest.raises(RingError, match="not a frame ring"):
             RingReader.attach(junk.name)
     finally:
