@@ -5,13 +5,16 @@
 Each case runs the same Job both ways, interleaved, ``rounds`` times (medians), on a clip from
 ``cuepipe.stages.democlip`` (H.264, 24 fps), through the real launcher (``orchestrator.job.Job``: stage
 processes, Events, publishing). Seconds are the Job's own (``job/done``: process starts and model loads
-included). "bare" is RVM alone on pre-converted tensors of the clip's first 60 frames (``bench/matting.py``),
+included). "bare" is RVM alone on pre-converted tensors of the clip's first 60 frames (``bench/matting.py``;
+the case's thread count),
 so "job / bare" says how close the whole job comes to inference alone (issue 12: >= 0.85 for ``matte``).
 
 Cases:
 - matte: the shipped ``matte`` pipeline, 1280x720 source, ratio 0.25, outputs alpha,composite,hap_alpha
   (preprocess changes nothing: sequential hands the file on; streamed decodes it in preprocess).
 - matte-alpha: the same with outputs = alpha (one cheap encode).
+- matte-1thread: matte with onnxruntime on one thread, against bare inference on one thread: what the job
+  costs when a core is left for decoding and encoding (a machine with more cores than inference uses).
 - matte-resized: a 1920x1080 source conformed to 1280x720 by preprocess (sequential: a lossless Ut Video
   intermediate written and decoded again; streamed: no intermediate).
 - stylize: preprocess -> matting (source_rgba) -> generate (multistyle26, style 19, person), 640x360.
@@ -42,6 +45,8 @@ CASES: dict[str, dict[str, Any]] = {
         ("preprocess", {}), ("matting", {"ratio": 0.25, "outputs": "alpha,composite,hap_alpha"})]),
     "matte-alpha": dict(size=(1280, 720), ratio=0.25, stages=[
         ("preprocess", {}), ("matting", {"ratio": 0.25, "outputs": "alpha"})]),
+    "matte-1thread": dict(size=(1280, 720), ratio=0.25, threads=1, stages=[
+        ("preprocess", {}), ("matting", {"ratio": 0.25, "outputs": "alpha,composite,hap_alpha", "threads": 1})]),
     "matte-resized": dict(size=(1920, 1080), ratio=0.25, stages=[
         ("preprocess", {"width": 1280, "height": 720}), ("matting", {"ratio": 0.25, "outputs": "alpha,composite"})]),
     "stylize": dict(size=(640, 360), ratio=0.5, stages=[
@@ -107,7 +112,7 @@ def main() -> int:
             bare_clip = work / f"bare_{bare_w}x{bare_h}.mp4"
             if not bare_clip.exists():
                 write_clip(bare_clip, None, width=bare_w, height=bare_h, frames=60, fps=24.0, seed=7)
-            bare_fps = bare(bare_clip, case["ratio"], 0)[0]
+            bare_fps = bare(bare_clip, case["ratio"], case.get("threads", 0))[0]
             seq, st = statistics.median(times[False]), statistics.median(times[True])
             rows.append((name, f"{w}x{h}", seq, st, bare_fps, frames))
     print()

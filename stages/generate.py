@@ -326,7 +326,8 @@ def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, audi
     writer: FrameWriter
     if stream is None:
         writer = stack.enter_context(VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec),
-                                                 channels=channels, audio=None if codec == "png" else audio))
+                                                 channels=channels, audio=None if codec == "png" else audio,
+                                                 lazy=True))  # ffmpeg starts with the first frame
     else:
         writer = stack.enter_context(StreamWriter(stream[0], width, height, channels, stream[1]))
     out = np.empty((height, width, channels), np.uint8)  # write() has copied it into ffmpeg's pipe on return

@@ -306,7 +306,8 @@ def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, back
     writer: FrameWriter
     if stream is None:
         writer = writers.enter_context(
-            VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio))
+            VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio,
+                        lazy=True))  # ffmpeg starts with the first frame, after its inference (videowriter.py)
     else:
         writer = writers.enter_context(StreamWriter(stream[0], width, height, channels, stream[1]))
     if name in SOURCE_OUTPUTS:
@@ -399,11 +400,12 @@ def _live_restyle(cache: dict[str, Any] | None, opts: dict[str, Any], width: int
 
 
 def preload(cache: dict[str, Any], **params: Any) -> None:
-    """Resident workers (``--serve``): the session for these parameters, warmed by one inference at
-    1280x720 (imports, session, ORT's first run), so the first trigger costs what later ones do."""
+    """Resident workers (``--serve``): the session for these parameters, warmed by two inferences at
+    1280x720 (imports, session, ORT's first run, and its first run with a recurrent state: other tensor
+    shapes), so the first trigger costs what later ones do."""
     import numpy as np
 
-    from cuepipe.stages import blend, framepipe, video  # noqa: F401 - imported now, not on the first trigger
+    from cuepipe.stages import blend, framepipe, stream, video  # noqa: F401 - imported now, not on the first trigger
     from cuepipe.stages.rvm import InputBuffer
 
     video.ffmpeg_exe()  # found (and cached) now
@@ -411,8 +413,9 @@ def preload(cache: dict[str, Any], **params: Any) -> None:
     model_path, spec = resolve_model(opts["model"])
     model = _model(cache, model_path, opts["provider"], opts["threads"], opts["io_binding"])
     w, h = PRELOAD_SIZE
-    model.infer(InputBuffer(w, h, model.input_dtype).fill(np.zeros((h, w, 3), np.uint8)),
-                opts["ratio"] or spec.recommended_downsample_ratio(w, h, opts["subject"]))
+    frame = InputBuffer(w, h, model.input_dtype).fill(np.zeros((h, w, 3), np.uint8))
+    for _ in range(2):
+        model.infer(frame, opts["ratio"] or spec.recommended_downsample_ratio(w, h, opts["subject"]))
     model.reset()
 
 

@@ -237,15 +237,22 @@ class VideoWriter:
     Any failure, or leaving the ``with`` block by an exception, kills ffmpeg, reaps it and deletes
     the temporary output. ``fps`` may be a ``Fraction`` for exact NTSC rates. ``audio``: see
     ``AudioSource`` (ignored for PNG sequences).
+
+    ``lazy``: start ffmpeg at the first ``write`` instead of now (everything else is checked now). A
+    stage's frame pipeline writes its first frame only after inferring it, so the encoder's start
+    (a process spawn and codec set-up, ~20-40 ms of CPU) no longer competes with the first inference
+    of a warm trigger (``bench/serve.py``).
     """
 
     def __init__(self, path: Path | str, width: int, height: int, fps: float | Fraction,
-                 codec: Codec | str = Codec.UTVIDEO, channels: int = 3, audio: AudioSource | None = None) -> None:
+                 codec: Codec | str = Codec.UTVIDEO, channels: int = 3, audio: AudioSource | None = None,
+                 lazy: bool = False) -> None:
         self.path, self.codec, self.channels = Path(path), Codec(codec), channels
         self.width, self.height = int(width), int(height)
         self.fps = fps_fraction(fps)
         self.frames_written = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._cmd: list[str] | None = None  # until ffmpeg is started (lazy)
         preset = _PRESETS[self.codec]
         self._shape = (self.height, self.width) if channels == 1 else (self.height, self.width, channels)
         if self.width <= 0 or self.height <= 0 or not self.fps > 0:
@@ -289,6 +296,13 @@ class VideoWriter:
             "-pix_fmt", preset.pix_fmts[channels], str(target),
         ]
         log.debug("ffmpeg: %s", cmd)
+        self._cmd = cmd
+        if not lazy:
+            self._start()
+
+    def _start(self) -> None:
+        cmd, self._cmd = self._cmd, None
+        assert cmd is not None  # called once, by __init__ or the first write
         try:
             self._proc = start_codec(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
         except OSError as exc:
@@ -297,6 +311,8 @@ class VideoWriter:
 
     def write(self, frame: np.ndarray) -> None:
         """Append one uint8 frame of exactly the writer's size and channel count."""
+        if self._proc is None and self._cmd is not None:  # lazy: the first frame starts ffmpeg
+            self._start()
         if self._proc is None or self._proc.stdin is None:
             raise VideoOutputError(ErrorKind.INTERNAL, f"writer for {self.path} is closed")
         if frame.dtype != np.uint8 or frame.shape != self._shape:
@@ -313,6 +329,9 @@ class VideoWriter:
 
     def close(self) -> None:
         """Finish the output and move it onto ``path``; raises VideoOutputError if anything failed."""
+        if self._proc is None and self._cmd is not None:  # lazy, and never started: no frame came
+            self.abort()
+            raise VideoOutputError(ErrorKind.OUTPUT_ERROR, f"no frames were written to {self.path}")
         if self._proc is None:
             return
         try:
@@ -354,7 +373,7 @@ class VideoWriter:
 
     def abort(self) -> None:
         """Stop ffmpeg at once and delete the temporary output; ``path`` is left untouched (idempotent)."""
-        proc, self._proc = self._proc, None
+        proc, self._proc, self._cmd = self._proc, None, None
         if proc is not None:
             reap(proc, proc.stdin)
         self._cleanup()
@@ -386,7 +405,7 @@ class VideoWriter:
             self.abort()
 
     def __del__(self) -> None:
-        if getattr(self, "_proc", None) is not None:
+        if getattr(self, "_proc", None) is not None or getattr(self, "_cmd", None) is not None:
             with contextlib.suppress(Exception):  # at interpreter shutdown nothing more can be done
                 log.warning("VideoWriter for %s was never closed; discarding it", self.path)
                 self.abort()

@@ -104,6 +104,40 @@ def test_no_frames_and_wrong_frames_are_errors(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("codec", [Codec.UTVIDEO, Codec.PNG])
+def test_a_lazy_writer_starts_ffmpeg_with_its_first_frame(tmp_path: Path, codec: Codec) -> None:
+    """lazy=True: everything is checked at once, ffmpeg starts at the first write; no frame is still an error
+    and leaves nothing behind, and the output equals an eager writer's."""
+    import psutil
+
+    def encoders() -> int:  # this process's ffmpeg children (it may have others, e.g. a resource tracker)
+        return sum("ffmpeg" in p.name() for p in psutil.Process().children())
+
+    with pytest.raises(VideoOutputError, match="even"):  # checked at once, lazy or not
+        VideoWriter(tmp_path / "odd.mp4", 63, 48, 30, codec=Codec.H264, lazy=True)
+    with pytest.raises(VideoOutputError, match="no frames"), VideoWriter(tmp_path / "empty", 64, 48, 30,
+                                                                         codec=codec, lazy=True):
+        assert encoders() == 0
+    frames = noise_frames(3, width=64, height=48)
+    outputs = []
+    for lazy in (True, False):
+        with VideoWriter(tmp_path / f"out_{lazy}{codec.suffix}", 64, 48, 30, codec=codec, lazy=lazy) as writer:
+            assert encoders() == (0 if lazy else 1)
+            for f in frames:
+                writer.write(f)
+            assert encoders() == 1
+        outputs.append(writer.path)
+    with VideoWriter(tmp_path / "aborted", 64, 48, 30, codec=codec, lazy=True) as writer:
+        writer.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out_False{codec.suffix}", f"out_True{codec.suffix}"]
+    decoded = []
+    for path in outputs:
+        with VideoReader(path) as reader:
+            decoded.append(list(reader))
+    assert len(decoded[0]) == len(decoded[1]) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(*decoded, strict=True))
+
+
 def test_image_folder_is_read_in_natural_order_and_converted(tmp_path: Path) -> None:
     src = noise_frames(12, width=32, height=24)
     for i, frame in enumerate(src):  # 1..12: lexical order would put 10, 11, 12 before 2
