@@ -28,6 +28,8 @@ own ``composite`` output: exact straight-alpha rounding, backgrounds scaled to c
 
 Frame count and rate are the layer's. Decoding (ffmpeg), placing, compositing and encoding run
 concurrently (``stages/framepipe.py``).
+
+Streams (``stages/stream.py``): ``--input ring://NAME`` reads the previous stage's frames from a frame ring.
 """
 
 from __future__ import annotations

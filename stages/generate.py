@@ -48,6 +48,9 @@ frames, spread over the clip, as source / matte / result (the ``video`` output's
 an explicit GPU provider that is missing fails with ``provider_unavailable``). Decoding (an ffmpeg
 process + the reader thread: crop, resize, tensor packing), inference and encoding run concurrently
 (``stages/framepipe.py``).
+
+Streams (``stages/stream.py``): ``--input ring://NAME`` reads the previous stage's frames from a frame ring;
+``--stream-out NAME`` (set by the launcher) sends the first output's frames to the next stage instead of its file.
 """
 
 from __future__ import annotations

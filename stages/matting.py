@@ -44,6 +44,9 @@ resets the recurrent state at hard cuts (``cuepipe.stages.rvm.SceneCut``; try 0.
 
 Decoding, inference and encoding run concurrently (``matte_frames`` on ``stages/framepipe.py``);
 ``docs/performance.md`` has the measured speeds.
+
+Streams (``stages/stream.py``): ``--input ring://NAME`` reads the previous stage's frames from a frame ring;
+``--stream-out NAME`` (set by the launcher) sends the first output's frames to the next stage instead of its file.
 """
 
 from __future__ import annotations

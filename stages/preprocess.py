@@ -38,6 +38,11 @@ as ``preprocessed.<its extension>``, else copied. A transcode would change nothi
 of a 21.6 s ``matte`` job on a 300-frame 720p clip) and disk. A file that looks truncated, an image
 folder, or ``passthrough = never`` takes the transcode below, with its checks.
 
+Streaming (``stream_out``, set by the launcher for ``stream = true`` pipelines): the output's frames go
+to the next stage through the frame ring of that name instead of into a file (``stages/stream.py``);
+nothing is handed on as it is then (the input is decoded), and the audio the file would have carried
+is described for the next stage to mux from the source.
+
 Codec: ``utvideo`` (default) is lossless RGB, so later stages see exactly these pixels (quality
 loss between stages: none), and it decodes at ~185 fps at 720p on 2 cores, so reading the
 intermediate never competes with inference. The cost is disk space: ~1.6 MB per 720p frame, about
