@@ -7,6 +7,7 @@ pipelines file, unknown pipeline, bad ``--set``, missing input or model); 130 ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -18,6 +19,7 @@ from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.foreground import cancel_on_signals, load_pipelines, run_job
 from cuepipe.orchestrator.job import JobState
 from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
+from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import EXIT_BAD_ARGUMENT, EXIT_FAILED, EXIT_OK, CuepipeError
 from cuepipe.stages.protocol import JOB_ID
 from cuepipe.stages.sender import parse_address
@@ -54,6 +56,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path in result.outputs:
             print(path)
     return code
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """``cuepipe batch``: orchestrator/batch.py; exit 0 only when every input succeeded (or was done before)."""
+    from cuepipe.orchestrator.batch import BatchError, collect, jobs_allowed, run_batch
+    from cuepipe.orchestrator.pipeline import resolve_request
+    from cuepipe.orchestrator.terminal import BatchDisplay
+    from cuepipe.stages.errors import EXIT_INTERRUPTED
+    from cuepipe.stages.sender import EventSender
+
+    pipelines = load_or_report(args.pipelines)
+    if pipelines is None:
+        return EXIT_BAD_ARGUMENT
+    notes: list[str] = []
+    try:
+        pipeline = resolve_request(pipelines, args.pipeline, args.set)
+        inputs = collect(args.inputs, notes)
+        if not inputs:
+            raise BatchError(f"no inputs found in {', '.join(map(str, args.inputs))}")
+    except CuepipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENT
+    for note in notes:
+        print(note, file=sys.stderr)
+    jobs = jobs_allowed(pipeline, args.jobs)
+    cancel = threading.Event()
+    with (EventSender(list(args.report) + list(pipeline.report)) as sender,
+          BatchDisplay(len(inputs), args.json) as display, cancel_on_signals(cancel)):
+        def sink(event: Message) -> None:
+            sender.emit(event)
+            display.show(event)
+
+        summary = run_batch(pipeline, inputs, args.out, jobs=jobs, force=args.force, sink=sink,
+                            on_item=lambda item: display.settled(dataclasses.asdict(item)), cancel=cancel)
+    if not args.json:
+        print(summary.table())
+        print(f"summary: {Path(summary.out) / 'batch_summary.json'}")
+    if cancel.is_set():
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.ok else EXIT_FAILED
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
@@ -198,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cancel when standard input closes (how TouchDesigner cancels on Windows; a dying "
                      "parent closes it too)")
     run.set_defaults(func=cmd_run)
+
+    bat = sub.add_parser("batch", help="run a pipeline over many inputs: files, folders, list files (resumable)")
+    bat.add_argument("pipeline")
+    bat.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                     help="video files, folders (searched recursively) or list files (.txt: one path a line)")
+    bat.add_argument("--out", type=Path, required=True, help="output folder; the input folders' tree is mirrored")
+    bat.add_argument("--jobs", type=int, default=1, help="Jobs at a time (capped: one per GPU for a gpu "
+                     "pipeline, the cores for a cpu one; default 1)")
+    bat.add_argument("--force", action="store_true", help="redo inputs already done by this pipeline")
+    bat.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                     help="override a stage parameter (part of the pipeline's definition: a change redoes all)")
+    bat.add_argument("--report", action="append", default=[], type=_address, metavar="HOST:PORT",
+                     help="send every Job's Events here too (repeatable)")
+    bat.add_argument("--json", action="store_true", help="JSON lines: every Event, then an item line per input")
+    bat.set_defaults(func=cmd_batch)
 
     pls = sub.add_parser("pipelines", help="list pipelines and their stages")
     pls.add_argument("--json", action="store_true")

@@ -112,6 +112,7 @@ class Job:
         pool: WorkerPool | None = None,
         registry: ProcessRegistry | None = None,
         now: Callable[[], float] = time.monotonic,
+        work_root: Path | None = None,  # where its work folder goes (default: <out_dir>/.cuepipe-work)
     ) -> None:
         self.pipeline = pipeline
         self.input = input
@@ -126,7 +127,7 @@ class Job:
         # Where started stage processes are recorded for reap_leftovers; by default the pool's.
         self.registry = registry if registry is not None else (pool.registry if pool is not None else None)
         self.now = now
-        self.work_dir = self.out_dir / defaults.WORK_DIR_NAME / self.job_id
+        self.work_dir = (work_root or self.out_dir / defaults.WORK_DIR_NAME) / self.job_id
         self._ended = False  # a terminal Event (done, failed, cancelled) was emitted
         self._fractions = [0.0] * len(pipeline.stages)  # each Step's progress, for the overall fraction
 

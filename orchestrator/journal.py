@@ -13,6 +13,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cuepipe.orchestrator.job import JobState
 from cuepipe.stages.errors import CuepipeError
@@ -35,6 +36,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     tag TEXT NOT NULL,
     reply_to TEXT NOT NULL,
     restarts INTEGER NOT NULL
+)
+"""
+
+# Inputs a batch finished (``cuepipe batch``, orchestrator/batch.py): what makes re-running it resume.
+# ``identity``: the input's content as batch.identity reads it; ``definition``: the pipeline's, hashed.
+_FINISHED = """
+CREATE TABLE IF NOT EXISTS finished (
+    input TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    item TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (input, definition)
 )
 """
 
@@ -97,6 +111,7 @@ class Journal:
                 raise JournalError(f"the journal {path} is corrupt ({problems[0]}); move it aside to start with "
                                    "an empty one (its jobs are then forgotten)")
             self._db.execute(_SCHEMA)
+            self._db.execute(_FINISHED)
             self._db.executescript(_PROBE)  # a real write: a read-only file fails here, not at the first job
         except sqlite3.Error as exc:
             self._db.close()
@@ -137,6 +152,25 @@ class Journal:
             raise JournalError(f"the journal {self.path} holds a job it cannot read ({exc}); move it aside to "
                                "start with an empty one") from None
         return out
+
+    def remember(self, input: str, definition: str, identity: str, item: dict[str, Any]) -> None:
+        """Record that ``input`` (with this content) was finished by this pipeline definition."""
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO finished VALUES (?, ?, ?, ?, julianday('now'))",
+                                 (input, definition, identity, json.dumps(item)))
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot write the journal {self.path}: {exc}") from None
+
+    def recall(self, input: str, definition: str) -> tuple[str, dict[str, Any]] | None:
+        """(identity, item) of ``input``'s last finish by this definition, if any."""
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT identity, item FROM finished WHERE input = ? AND definition = ?",
+                                       (input, definition)).fetchone()
+            return None if row is None else (str(row[0]), dict(json.loads(row[1])))
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:

@@ -362,25 +362,23 @@ def apply_overrides(file: PipelineFile, pipeline: Pipeline, sets: list[str]) -> 
     return replace(pipeline, stages=tuple(stages))
 
 
-def describe(pipelines: PipelineFile) -> dict[str, Any]:
-    """The pipelines file as JSON-ready data (what ``cuepipe pipelines --json`` prints for TD)."""
+def describe_pipeline(p: Pipeline) -> dict[str, Any]:
+    """One Pipeline as JSON-ready data."""
     return {
-        "file": str(pipelines.path),
-        "pipelines": [
-            {
-                "name": p.name,
-                "description": p.description,
-                "out": str(p.out),
-                "stages": [
-                    {"stage": s.name, "params": dict(s.params), "timeout": s.timeout,
-                     "stall_timeout": s.stall_timeout, "retries": s.retries, "keep": s.keep, "warm": s.warm,
-                     "stream": s.stream}
-                    for s in p.stages
-                ],
-            }
-            for p in pipelines.pipelines.values()
+        "name": p.name,
+        "description": p.description,
+        "out": str(p.out),
+        "stages": [
+            {"stage": s.name, "params": dict(s.params), "timeout": s.timeout, "stall_timeout": s.stall_timeout,
+             "retries": s.retries, "keep": s.keep, "warm": s.warm, "stream": s.stream}
+            for s in p.stages
         ],
     }
+
+
+def describe(pipelines: PipelineFile) -> dict[str, Any]:
+    """The pipelines file as JSON-ready data (what ``cuepipe pipelines --json`` prints for TD)."""
+    return {"file": str(pipelines.path), "pipelines": [describe_pipeline(p) for p in pipelines.pipelines.values()]}
 
 
 class RequestError(CuepipeError):

@@ -88,3 +88,48 @@ class EventDisplay:
 
     def __exit__(self, *exc: object) -> None:
         self._close_bar()
+
+
+class BatchDisplay:
+    """What ``cuepipe batch`` shows: one overall bar (inputs settled) and one bar per running Job, or JSON
+    lines (every Job Event, then ``{"item": ...}`` as each input is settled)."""
+
+    def __init__(self, total: int, json_lines: bool, stream: IO[str] | None = None) -> None:
+        self.json_lines = json_lines
+        self.stream = stream or (sys.stdout if json_lines else sys.stderr)
+        self._overall = None if json_lines else tqdm(total=total, desc="batch", unit="clip", file=self.stream,
+                                                    position=0, disable=None)
+        self._bars: dict[str, tqdm] = {}
+
+    def show(self, event: Message) -> None:
+        if self.json_lines:
+            print(json.dumps(event.to_json()), file=self.stream, flush=True)
+            return
+        f, name = event.fields, event.spec.name
+        if name == "job/started":
+            self._bars[f["job"]] = tqdm(total=1000, desc=str(f["input"])[-28:], unit="‰", file=self.stream,
+                                        position=len(self._bars) + 1, leave=False, disable=None,
+                                        bar_format="{desc:<28} {percentage:3.0f}%|{bar}| {postfix}")
+        elif name == "job/progress" and f["job"] in self._bars:
+            bar = self._bars[f["job"]]
+            bar.n = int(f["overall"] * 1000)
+            bar.set_postfix_str(f"{f['stage']} {f['frame']}/{f['total']}", refresh=True)
+        elif name in ("job/done", "job/failed", "job/cancelled") and f["job"] in self._bars:
+            self._bars.pop(f["job"]).close()
+
+    def settled(self, item: dict[str, object]) -> None:
+        if self.json_lines:
+            print(json.dumps({"item": item}, ensure_ascii=False), file=self.stream, flush=True)
+        elif self._overall is not None:
+            self._overall.update(1)
+            if item["status"] == "failed":
+                self._overall.write(f"failed: {item['relative']}: {item['kind']}: {item['error']}", file=self.stream)
+
+    def __enter__(self) -> BatchDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        if self._overall is not None:
+            self._overall.close()
