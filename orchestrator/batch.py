@@ -18,7 +18,8 @@ of the pipeline or with ``force``. A batch killed hard loses only its running Jo
 published atomically (``orchestrator/publish.py``), so nothing partial sits at a final path.
 
 The summary (``Summary``) is printed as a table and written as ``batch_summary.json`` / ``.csv`` in
-``--out``. Exit code 0 only when every input succeeded (or was done before).
+``--out``, with ``report.html`` beside them (``orchestrator/report.py``: contact sheets, failures
+first, where the time went). Exit code 0 only when every input succeeded (or was done before).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.job import Job, JobState
 from cuepipe.orchestrator.journal import Journal
 from cuepipe.orchestrator.pipeline import Pipeline, describe_pipeline
+from cuepipe.orchestrator.report import write_report
+from cuepipe.orchestrator.resident import WorkerPool
 from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import CuepipeError, ErrorKind
 
@@ -86,15 +89,17 @@ class Item:
     error: str = ""
     kind: str = ""
     stages: list[dict[str, Any]] = field(default_factory=list)
+    job: str = ""  # the Job's id (a failed Job's work folder, with each stage's log: <out>/.cuepipe-work/<job>)
 
 
-def _hidden_or_partial(path: Path) -> bool:
+def hidden_or_partial(path: Path) -> bool:
+    """A name no batch or watch folder takes: hidden, an Office lock file, or a download / copy in progress."""
     return path.name.startswith((".", "~$")) or path.suffix.lower() in PARTIAL_SUFFIXES
 
 
 def _is_sequence(folder: Path) -> bool:
     """A folder of images (numbered frames) is one input; a folder that holds videos or folders is not."""
-    files = [p for p in folder.iterdir() if not _hidden_or_partial(p)]
+    files = [p for p in folder.iterdir() if not hidden_or_partial(p)]
     return bool(files) and all(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in files)
 
 
@@ -115,7 +120,7 @@ def collect(paths: Iterable[Path], notes: list[str] | None = None) -> list[Batch
             add(folder, root)
             return
         for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-            if _hidden_or_partial(entry):
+            if hidden_or_partial(entry):
                 notes.append(f"skipped {entry}: hidden or partial")
             elif entry.is_dir():
                 walk(entry, root)
@@ -236,6 +241,80 @@ class Summary:
 EventSink = Callable[[Message], None]
 
 
+class Runner:
+    """Runs one input at a time through the Pipeline as a Job (any number of threads may call ``run``):
+    what ``run_batch`` and the watch folder (``orchestrator/watch.py``) share. Owns the journal of ``out``:
+    ``close`` it when done."""
+
+    def __init__(self, pipeline: Pipeline, out: Path, sink: EventSink | None = None,
+                 cancel: threading.Event | None = None, force: bool = False, python: str | None = None,
+                 pool: WorkerPool | None = None) -> None:
+        self.pipeline, self.out = pipeline, out.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.sink, self.force, self.python, self.pool = sink, force, python or sys.executable, pool
+        self.cancel = cancel or threading.Event()
+        self.definition = definition(pipeline)
+        self.journal = Journal(self.out / JOURNAL_NAME)
+        self.work_root = self.out / defaults.WORK_DIR_NAME  # one for all inputs, not one per mirrored folder
+        self.lock = threading.Lock()  # one Event at a time into the sink
+
+    def run(self, entry: BatchInput) -> Item:
+        """The input's summary line; a bug or an unwritable journal fails this input only."""
+        item = Item(str(entry.path), entry.relative.as_posix())
+        try:
+            self._run(entry, item)
+        except Exception as exc:
+            log.exception("batch: %s", entry.path)
+            item.status, item.kind, item.error = "failed", ErrorKind.INTERNAL.value, f"{type(exc).__name__}: {exc}"
+        return item
+
+    def _run(self, entry: BatchInput, item: Item) -> None:
+        if self.cancel.is_set():
+            item.status = "cancelled"
+            return
+        try:
+            key = identity(entry.path)
+        except OSError as exc:
+            item.status, item.kind, item.error = "failed", ErrorKind.INPUT_MISSING.value, f"cannot read it: {exc}"
+            return
+        known = None if self.force else self.journal.recall(item.input, self.definition)
+        if known is not None and known[0] == key and all(Path(p).exists() for p in known[1].get("outputs", [])):
+            for name in ("frames", "fps", "seconds", "outputs", "bytes", "stages"):
+                setattr(item, name, known[1].get(name, getattr(item, name)))
+            item.status = "skipped"
+            return
+        events: list[Message] = []
+
+        def relay(event: Message) -> None:
+            events.append(event)
+            if self.sink is not None:
+                with self.lock:
+                    self.sink(event)
+
+        job = Job(self.pipeline, entry.path, relay, out_dir=self.out / entry.relative.parent, cancel=self.cancel,
+                  work_root=self.work_root, python=self.python, pool=self.pool)
+        item.job = job.job_id
+        started = time.monotonic()
+        result = job.run()
+        item.stages = [{"index": e["index"], "stage": e["stage"], "seconds": e["seconds"]}
+                       for e in events if e.spec.name == "job/stage_done"]
+        item.seconds = next((e["seconds"] for e in events if e.spec.name == "job/done"), time.monotonic() - started)
+        item.frames = max((e["frames"] for e in events if e.spec.name == "job/stage_done"), default=0)
+        item.fps = item.frames / item.seconds if item.seconds > 0 else 0.0
+        if result.state is JobState.DONE:
+            item.status, item.outputs = "done", [str(p) for p in result.outputs]
+            item.bytes = sum(_size(p) for p in result.outputs)
+            self.journal.remember(item.input, self.definition, key, dataclasses.asdict(item))
+        else:
+            item.status = "cancelled" if result.state is JobState.CANCELLED else "failed"
+            item.kind, item.error = (result.kind.value if result.kind else ""), result.message
+
+    def close(self) -> None:
+        self.journal.close()
+        with contextlib.suppress(OSError):
+            self.work_root.rmdir()  # only if empty: failed Jobs keep their work folders, for diagnosis
+
+
 def run_batch(pipeline: Pipeline, inputs: Sequence[BatchInput], out: Path, jobs: int = 1, force: bool = False,
               sink: EventSink | None = None, on_item: Callable[[Item], None] | None = None,
               cancel: threading.Event | None = None, python: str | None = None,
@@ -245,75 +324,26 @@ def run_batch(pipeline: Pipeline, inputs: Sequence[BatchInput], out: Path, jobs:
     ``sink`` gets every Job Event; ``on_item`` each input's line once it is settled. ``cancel`` stops
     the running Jobs (they end ``cancelled``) and starts no more.
     """
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    cancel = cancel or threading.Event()
-    digest = definition(pipeline)
-    summary = Summary(pipeline.name, digest, str(out), time.strftime("%Y-%m-%dT%H:%M:%S"))
-    summary.items = [Item(str(i.path), i.relative.as_posix()) for i in inputs]
+    runner = Runner(pipeline, out, sink, cancel, force, python)
+    summary = Summary(pipeline.name, runner.definition, str(runner.out), time.strftime("%Y-%m-%dT%H:%M:%S"))
     started = now()
-    journal = Journal(out / JOURNAL_NAME)
-    work_root = out / defaults.WORK_DIR_NAME  # one for the whole batch, not one in every mirrored folder
-    lock = threading.Lock()
 
-    def one(entry: BatchInput, item: Item) -> None:
-        if cancel.is_set():
-            item.status = "cancelled"
-            return
-        try:
-            key = identity(entry.path)
-        except OSError as exc:
-            item.status, item.kind, item.error = "failed", ErrorKind.INPUT_MISSING.value, f"cannot read it: {exc}"
-            return
-        known = None if force else journal.recall(item.input, digest)
-        if known is not None and known[0] == key and all(Path(p).exists() for p in known[1].get("outputs", [])):
-            previous = known[1]
-            for name in ("frames", "fps", "seconds", "outputs", "bytes", "stages"):
-                setattr(item, name, previous.get(name, getattr(item, name)))
-            item.status = "skipped"
-            return
-        events: list[Message] = []
-
-        def relay(event: Message) -> None:
-            events.append(event)
-            if sink is not None:
-                with lock:
-                    sink(event)
-
-        target = out / entry.relative.parent
-        result = Job(pipeline, entry.path, relay, out_dir=target, cancel=cancel, work_root=work_root,
-                     python=python or sys.executable).run()
-        item.stages = [{"index": e["index"], "stage": e["stage"], "seconds": e["seconds"]}
-                       for e in events if e.spec.name == "job/stage_done"]
-        item.seconds = next((e["seconds"] for e in events if e.spec.name == "job/done"), 0.0)
-        item.frames = max((e["frames"] for e in events if e.spec.name == "job/stage_done"), default=0)
-        item.fps = item.frames / item.seconds if item.seconds > 0 else 0.0
-        if result.state is JobState.DONE:
-            item.status, item.outputs = "done", [str(p) for p in result.outputs]
-            item.bytes = sum(_size(p) for p in result.outputs)
-            journal.remember(item.input, digest, key, dataclasses.asdict(item))
-        else:
-            item.status = "cancelled" if result.state is JobState.CANCELLED else "failed"
-            item.kind, item.error = (result.kind.value if result.kind else ""), result.message
-
-    def settle(entry: BatchInput, item: Item) -> None:
-        try:
-            one(entry, item)
-        except Exception as exc:  # a bug or a journal that cannot be written: this input fails, the batch goes on
-            log.exception("batch: %s", entry.path)
-            item.status, item.kind, item.error = "failed", ErrorKind.INTERNAL.value, f"{type(exc).__name__}: {exc}"
+    def settle(entry: BatchInput) -> Item:
+        item = runner.run(entry)
         if on_item is not None:
-            with lock:
+            with runner.lock:
                 on_item(item)
+        return item
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="cuepipe-batch") as pool:
-            for future in [pool.submit(settle, e, i) for e, i in zip(inputs, summary.items, strict=True)]:
-                future.result()
+            summary.items = list(pool.map(settle, inputs))
     finally:
-        journal.close()
-        with contextlib.suppress(OSError):
-            work_root.rmdir()  # only if empty: failed Jobs keep their work folders, for diagnosis
+        runner.close()
         summary.seconds = now() - started
-        summary.write(out)
+        summary.write(runner.out)
+        try:
+            write_report(summary.to_json(), runner.out)
+        except Exception:  # the report is a view of the summary: never what fails a batch
+            log.exception("cannot write the batch report in %s", runner.out)
     return summary

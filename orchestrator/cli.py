@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cuepipe.orchestrator import defaults
+from cuepipe.orchestrator.batch import Item
 from cuepipe.orchestrator.foreground import cancel_on_signals, load_pipelines, run_job
 from cuepipe.orchestrator.job import JobState
 from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
@@ -92,10 +93,51 @@ def cmd_batch(args: argparse.Namespace) -> int:
                             on_item=lambda item: display.settled(dataclasses.asdict(item)), cancel=cancel)
     if not args.json:
         print(summary.table())
-        print(f"summary: {Path(summary.out) / 'batch_summary.json'}")
+        print(f"summary: {Path(summary.out) / 'batch_summary.json'}; report: {Path(summary.out) / 'report.html'}")
     if cancel.is_set():
         return EXIT_INTERRUPTED
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``cuepipe watch``: orchestrator/watch.py; runs until Ctrl-C / SIGTERM (exit 0) or a bad request (2)."""
+    from cuepipe.orchestrator.batch import Runner, jobs_allowed
+    from cuepipe.orchestrator.pipeline import resolve_request
+    from cuepipe.orchestrator.terminal import EventDisplay
+    from cuepipe.orchestrator.watch import Watcher, WatchService
+    from cuepipe.stages.sender import EventSender
+
+    pipelines = load_or_report(args.pipelines)
+    if pipelines is None:
+        return EXIT_BAD_ARGUMENT
+    try:
+        pipeline = resolve_request(pipelines, args.pipeline, args.set)
+    except CuepipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENT
+    if not args.inbox.is_dir():
+        print(f"error: the inbox {args.inbox} is not a folder", file=sys.stderr)
+        return EXIT_BAD_ARGUMENT
+    stop = threading.Event()
+    with (EventSender(list(args.report) + list(pipeline.report)) as sender, EventDisplay(args.json) as display,
+          cancel_on_signals(stop)):
+        def sink(event: Message) -> None:
+            sender.emit(event)
+            display.show(event)
+
+        def settled(item: Item, where: Path) -> None:
+            if args.json:
+                print(json.dumps({"item": dataclasses.asdict(item), "moved_to": str(where)}), flush=True)
+            else:
+                print(f"{item.status}: {item.relative} -> {where}" + (f" ({item.kind}: {item.error})"
+                                                                         if item.error else ""), flush=True)
+
+        runner = Runner(pipeline, args.out, sink, cancel=stop)
+        service = WatchService(Watcher(args.inbox, args.settle, args.polling), runner,
+                               jobs_allowed(pipeline, args.jobs), settled)
+        print(f"watching {args.inbox.resolve()} for {pipeline.name} -> {runner.out} (Ctrl-C stops)", file=sys.stderr)
+        service.serve(stop)
+    return EXIT_OK
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
@@ -255,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send every Job's Events here too (repeatable)")
     bat.add_argument("--json", action="store_true", help="JSON lines: every Event, then an item line per input")
     bat.set_defaults(func=cmd_batch)
+
+    wat = sub.add_parser("watch", help="run a pipeline on every video dropped into a folder (then done/ or failed/)")
+    wat.add_argument("pipeline")
+    wat.add_argument("inbox", type=Path)
+    wat.add_argument("--out", type=Path, required=True, help="output folder; the inbox's sub-folders are mirrored")
+    wat.add_argument("--settle", type=float, default=2.0, help="seconds a file's size and time must stay unchanged "
+                     "when no event says it is complete (default 2)")
+    wat.add_argument("--polling", action="store_true", help="poll instead of waiting for file-system events "
+                     "(network shares: SMB / NFS send none)")
+    wat.add_argument("--jobs", type=int, default=1, help="Jobs at a time (capped as for batch)")
+    wat.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    wat.add_argument("--report", action="append", default=[], type=_address, metavar="HOST:PORT",
+                     help="send every Job's Events here too, e.g. TouchDesigner (repeatable)")
+    wat.add_argument("--json", action="store_true", help="JSON lines: every Event, and a line per settled file")
+    wat.set_defaults(func=cmd_watch)
 
     pls = sub.add_parser("pipelines", help="list pipelines and their stages")
     pls.add_argument("--json", action="store_true")

@@ -92,6 +92,10 @@ def test_a_folder_of_footage_bad_files_fail_alone_and_the_tree_is_mirrored(tmp_p
         rows = list(csv.DictReader(f))
     assert [r["input"] for r in rows] == NAMES and [r["status"] for r in rows].count("failed") == 3
     assert "3 done, 0 done before, 3 failed" in proc.stdout
+    # and the report page beside them (tests/test_report.py has the rest): the failures listed first
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "3 of 6 clips failed" in page and "clé été.mp4" in page
+    assert len(list((out / "report").glob("*.png"))) == 3  # a contact sheet for each clip done
 
 
 def test_resume_skips_what_is_done_and_redoes_what_changed(tmp_path: Path, footage: Path) -> None:
