@@ -34,6 +34,13 @@ def _job_id(text: str) -> str:
     return text
 
 
+def _watch(text: str) -> tuple[str, str]:
+    name, eq, inbox = text.partition("=")
+    if not eq or not name or not inbox:
+        raise argparse.ArgumentTypeError(f"expected PIPELINE=INBOX, got {text!r}")
+    return name, inbox
+
+
 def _address(text: str) -> tuple[str, int]:
     try:
         return parse_address(text)
@@ -194,7 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = DaemonConfig(host=args.host, port=args.port, allow=tuple(args.allow),
                           roots=tuple(Path(r).resolve() for r in args.root), state_dir=args.state,
                           slots=args.slots, max_queue=args.max_queue, policy=RestartPolicy(args.on_restart),
-                          warm=tuple(args.warm))
+                          warm=tuple(args.warm), watch=tuple((name, Path(inbox), args.watch_out)
+                                                             for name, inbox in args.watch))
     try:
         daemon = Daemon(config, pipelines)
     except (DaemonError, ConfigError) as exc:
@@ -333,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE)
     srv.add_argument("--on-restart", choices=["requeue", "interrupted"], default="requeue",
                      help="what to do with jobs that were running when the daemon died")
+    srv.add_argument("--watch", action="append", default=[], type=_watch, metavar="PIPELINE=INBOX",
+                     help="also run PIPELINE on every video dropped into INBOX (as `cuepipe watch`; repeatable)")
+    srv.add_argument("--watch-out", type=Path, default=None, help="output folder of the watch folders (default: "
+                     "the pipeline's out)")
     srv.add_argument("--warm", action="append", default=[], metavar="STAGE",
                      help="start a resident worker for STAGE at once (stages marked warm = true use them)")
     srv.set_defaults(func=cmd_serve)

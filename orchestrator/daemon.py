@@ -91,6 +91,8 @@ class DaemonConfig:
     warm: tuple[str, ...] = ()  # stages to start a resident Worker for at once
     worker_max_jobs: int = defaults.WORKER_MAX_JOBS
     worker_max_rss: int = defaults.WORKER_MAX_RSS
+    # watch folders: (pipeline, inbox, output folder or None for the pipeline's own), orchestrator/watch.py
+    watch: tuple[tuple[str, Path, Path | None], ...] = ()
 
     def validate(self) -> None:
         try:
@@ -149,10 +151,41 @@ class Daemon:
                                            config.max_queue, config.policy, pool=self.pool)
                 for stage in config.warm:
                     self.pool.warm(stage)
+                self._watches: list[Any] = self._watch_services()
+                undo.callback(self._close_watches)
             except (JournalError, OSError) as exc:  # one clear sentence, not a traceback
                 raise DaemonError(f"cannot start: {exc}") from None
             undo.pop_all()
         self._pipelines_json = json.dumps(describe(pipelines), separators=(",", ":"))
+
+    def _watch_services(self) -> list[Any]:
+        """One WatchService a ``--watch``: its Jobs run beside the Scheduler's (not in its slots or journal:
+        the inbox and the batch journal in the output folder are their record), on the daemon's resident
+        Workers, and their Events go to every subscriber, like any Job's."""
+        from cuepipe.orchestrator.batch import Runner
+        from cuepipe.orchestrator.pipeline import resolve_request
+        from cuepipe.orchestrator.watch import Watcher, WatchService
+
+        self._watch_stop = threading.Event()
+        services = []
+        for name, inbox, out in self.config.watch:
+            try:
+                pipeline = resolve_request(self.pipelines, name)
+            except CuepipeError as exc:
+                raise DaemonError(f"--watch {name}={inbox}: {exc}") from None
+            if not inbox.is_dir():
+                raise DaemonError(f"--watch {name}={inbox}: the inbox is not a folder")
+            runner = Runner(pipeline, out or pipeline.out, self._watch_event, cancel=self._watch_stop, pool=self.pool)
+            services.append(WatchService(Watcher(inbox), runner))
+            log.info("watching %s for %s -> %s", inbox, name, runner.out)
+        return services
+
+    def _close_watches(self) -> None:
+        for service in self._watches:
+            service.runner.close()
+
+    def _watch_event(self, event: Message) -> None:
+        self._send(event.spec, event.fields, set(self.subscribers))
 
     # --- the commands.Context protocol ---------------------------------------------------------
 
@@ -254,6 +287,10 @@ class Daemon:
         log.info("cuepipe serve listening on %s:%d", self.config.host, self.socket.port)
         self.scheduler.dispatch()  # jobs recovered from the journal as queued start now
         next_beat = self.clock()
+        watching = [threading.Thread(target=w.serve, args=(self._watch_stop,), name=f"cuepipe-watch-{n}")
+                    for n, w in enumerate(self._watches)]
+        for thread in watching:
+            thread.start()
         inbox = DatagramQueue(self.socket).start()
         try:
             while not stop.is_set():
@@ -270,9 +307,14 @@ class Daemon:
         finally:
             inbox.stop()
             self.counters["dropped"] += inbox.dropped
+            self._watch_stop.set()  # their running Jobs are cancelled; their inputs stay in the inbox
+            for thread in watching:
+                thread.join()
             self.close()
 
     def close(self) -> None:
+        self._watch_stop.set()
+        self._close_watches()
         self.scheduler.stop()
         self.pool.stop()
         self.journal.close()

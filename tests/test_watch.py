@@ -216,3 +216,35 @@ def test_a_folder_moved_into_the_inbox_is_looked_through(tmp_path: Path, pipelin
         (item, where), = s.wait(1)
     assert item.status == "done" and where == s.inbox / "done" / "shoot day 2" / "take 1.mp4"
     assert (tmp_path / "out" / "shoot day 2" / "take 1_preprocessed.mkv").is_file()
+
+
+def test_cuepipe_serve_watches_a_folder_and_tells_its_subscribers(tmp_path: Path, fake_td: FakeTD,
+                                                                 clip: bytes) -> None:
+    """``cuepipe serve --watch PIPELINE=INBOX``: the daemon runs the watch folder beside its queue and sends
+    those Jobs' Events to every subscriber (TouchDesigner)."""
+    from cuepipe.orchestrator.daemon import Daemon, DaemonConfig, DaemonError
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    pipelines = parse(PIPELINES, tmp_path / "pipelines.toml")
+    with pytest.raises(DaemonError, match="unknown pipeline"):
+        Daemon(DaemonConfig(port=0, roots=(tmp_path,), state_dir=tmp_path / "state0",
+                            watch=(("nope", inbox, None),)), pipelines)
+    daemon = Daemon(DaemonConfig(port=0, roots=(tmp_path,), state_dir=tmp_path / "state",
+                                 watch=(("small", inbox, tmp_path / "out"),)), pipelines)
+    daemon.subscribe(("127.0.0.1", fake_td.port))
+    stop = threading.Event()
+    serving = threading.Thread(target=daemon.serve, args=(stop,))
+    serving.start()
+    try:
+        time.sleep(0.5)
+        (inbox / "take.mp4").write_bytes(clip)
+        done = fake_td.wait_for("job/done", timeout=60)
+        assert list(done["outputs"]) == [str(tmp_path / "out" / "take_preprocessed.mkv")]
+        deadline = time.monotonic() + 10
+        while not (inbox / "done" / "take.mp4").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (inbox / "done" / "take.mp4").is_file()
+    finally:
+        stop.set()
+        serving.join(30)
