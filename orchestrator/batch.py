@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.job import Job, JobState
@@ -241,9 +241,48 @@ class Summary:
 EventSink = Callable[[Message], None]
 
 
+class Remote(Protocol):
+    """Where a batch's Jobs can run instead of here: yields (index, Item) for each (index, input) as it ends."""
+
+    def run(self, inputs: Sequence[tuple[int, BatchInput]]) -> Iterable[tuple[int, Item]]: ...
+
+
+def execute(pipeline: Pipeline, entry: BatchInput, out: Path, sink: EventSink | None = None,
+            cancel: threading.Event | None = None, work_root: Path | None = None, python: str | None = None,
+            pool: WorkerPool | None = None) -> Item:
+    """Run one input's Job and describe it as a summary line: the part of a batch that may run on another
+    machine (``orchestrator/rayjobs.py``); deciding whether to run and remembering it stay with ``Runner``."""
+    item = Item(str(entry.path), entry.relative.as_posix())
+    events: list[Message] = []
+
+    def relay(event: Message) -> None:
+        events.append(event)
+        if sink is not None:
+            sink(event)
+
+    job = Job(pipeline, entry.path, relay, out_dir=out / entry.relative.parent, cancel=cancel,
+              work_root=work_root or out / defaults.WORK_DIR_NAME, python=python or sys.executable, pool=pool)
+    item.job = job.job_id
+    started = time.monotonic()
+    result = job.run()
+    item.stages = [{"index": e["index"], "stage": e["stage"], "seconds": e["seconds"]}
+                   for e in events if e.spec.name == "job/stage_done"]
+    item.seconds = next((e["seconds"] for e in events if e.spec.name == "job/done"), time.monotonic() - started)
+    item.frames = max((e["frames"] for e in events if e.spec.name == "job/stage_done"), default=0)
+    item.fps = item.frames / item.seconds if item.seconds > 0 else 0.0
+    if result.state is JobState.DONE:
+        item.status, item.outputs = "done", [str(p) for p in result.outputs]
+        item.bytes = sum(_size(p) for p in result.outputs)
+    else:
+        item.status = "cancelled" if result.state is JobState.CANCELLED else "failed"
+        item.kind, item.error = (result.kind.value if result.kind else ""), result.message
+    return item
+
+
 class Runner:
-    """Runs one input at a time through the Pipeline as a Job (any number of threads may call ``run``):
-    what ``run_batch`` and the watch folder (``orchestrator/watch.py``) share. Owns the journal of ``out``:
+    """Runs inputs through the Pipeline, one Job each (any number of threads may call ``run``): what
+    ``run_batch`` and the watch folder (``orchestrator/watch.py``) share. Owns the journal of ``out``, and
+    so resuming: ``plan`` says whether an input needs its Job, ``record`` remembers a finished one.
     ``close`` it when done."""
 
     def __init__(self, pipeline: Pipeline, out: Path, sink: EventSink | None = None,
@@ -258,56 +297,47 @@ class Runner:
         self.work_root = self.out / defaults.WORK_DIR_NAME  # one for all inputs, not one per mirrored folder
         self.lock = threading.Lock()  # one Event at a time into the sink
 
+    def plan(self, entry: BatchInput) -> tuple[Item, str]:
+        """The input's line and identity; its status is already set (skipped, failed, cancelled) when no Job
+        is needed, else "pending"."""
+        item = Item(str(entry.path), entry.relative.as_posix())
+        if self.cancel.is_set():
+            item.status = "cancelled"
+            return item, ""
+        try:
+            key = identity(entry.path)
+        except OSError as exc:
+            item.status, item.kind, item.error = "failed", ErrorKind.INPUT_MISSING.value, f"cannot read it: {exc}"
+            return item, ""
+        known = None if self.force else self.journal.recall(item.input, self.definition)
+        if known is not None and known[0] == key and all(Path(p).exists() for p in known[1].get("outputs", [])):
+            for name in ("frames", "fps", "seconds", "outputs", "bytes", "stages", "job"):
+                setattr(item, name, known[1].get(name, getattr(item, name)))
+            item.status = "skipped"
+        return item, key
+
+    def record(self, item: Item, key: str) -> None:
+        if item.status == "done":
+            self.journal.remember(item.input, self.definition, key, dataclasses.asdict(item))
+
     def run(self, entry: BatchInput) -> Item:
-        """The input's summary line; a bug or an unwritable journal fails this input only."""
+        """Plan, run and record one input here; a bug or an unwritable journal fails this input only."""
         item = Item(str(entry.path), entry.relative.as_posix())
         try:
-            self._run(entry, item)
+            item, key = self.plan(entry)
+            if item.status == "pending":
+                item = execute(self.pipeline, entry, self.out, self._relay, self.cancel, self.work_root,
+                               self.python, self.pool)
+                self.record(item, key)
         except Exception as exc:
             log.exception("batch: %s", entry.path)
             item.status, item.kind, item.error = "failed", ErrorKind.INTERNAL.value, f"{type(exc).__name__}: {exc}"
         return item
 
-    def _run(self, entry: BatchInput, item: Item) -> None:
-        if self.cancel.is_set():
-            item.status = "cancelled"
-            return
-        try:
-            key = identity(entry.path)
-        except OSError as exc:
-            item.status, item.kind, item.error = "failed", ErrorKind.INPUT_MISSING.value, f"cannot read it: {exc}"
-            return
-        known = None if self.force else self.journal.recall(item.input, self.definition)
-        if known is not None and known[0] == key and all(Path(p).exists() for p in known[1].get("outputs", [])):
-            for name in ("frames", "fps", "seconds", "outputs", "bytes", "stages"):
-                setattr(item, name, known[1].get(name, getattr(item, name)))
-            item.status = "skipped"
-            return
-        events: list[Message] = []
-
-        def relay(event: Message) -> None:
-            events.append(event)
-            if self.sink is not None:
-                with self.lock:
-                    self.sink(event)
-
-        job = Job(self.pipeline, entry.path, relay, out_dir=self.out / entry.relative.parent, cancel=self.cancel,
-                  work_root=self.work_root, python=self.python, pool=self.pool)
-        item.job = job.job_id
-        started = time.monotonic()
-        result = job.run()
-        item.stages = [{"index": e["index"], "stage": e["stage"], "seconds": e["seconds"]}
-                       for e in events if e.spec.name == "job/stage_done"]
-        item.seconds = next((e["seconds"] for e in events if e.spec.name == "job/done"), time.monotonic() - started)
-        item.frames = max((e["frames"] for e in events if e.spec.name == "job/stage_done"), default=0)
-        item.fps = item.frames / item.seconds if item.seconds > 0 else 0.0
-        if result.state is JobState.DONE:
-            item.status, item.outputs = "done", [str(p) for p in result.outputs]
-            item.bytes = sum(_size(p) for p in result.outputs)
-            self.journal.remember(item.input, self.definition, key, dataclasses.asdict(item))
-        else:
-            item.status = "cancelled" if result.state is JobState.CANCELLED else "failed"
-            item.kind, item.error = (result.kind.value if result.kind else ""), result.message
+    def _relay(self, event: Message) -> None:
+        if self.sink is not None:
+            with self.lock:
+                self.sink(event)
 
     def close(self) -> None:
         self.journal.close()
@@ -318,11 +348,12 @@ class Runner:
 def run_batch(pipeline: Pipeline, inputs: Sequence[BatchInput], out: Path, jobs: int = 1, force: bool = False,
               sink: EventSink | None = None, on_item: Callable[[Item], None] | None = None,
               cancel: threading.Event | None = None, python: str | None = None,
-              now: Callable[[], float] = time.monotonic) -> Summary:
+              now: Callable[[], float] = time.monotonic, remote: Remote | None = None) -> Summary:
     """Run ``pipeline`` on every input, ``jobs`` at a time; the Summary (also written into ``out``).
 
     ``sink`` gets every Job Event; ``on_item`` each input's line once it is settled. ``cancel`` stops
-    the running Jobs (they end ``cancelled``) and starts no more.
+    the running Jobs (they end ``cancelled``) and starts no more. ``remote``: run the Jobs there instead
+    (``orchestrator/rayjobs.py``); deciding what to run, the journal and the summary stay here.
     """
     runner = Runner(pipeline, out, sink, cancel, force, python)
     summary = Summary(pipeline.name, runner.definition, str(runner.out), time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -336,8 +367,22 @@ def run_batch(pipeline: Pipeline, inputs: Sequence[BatchInput], out: Path, jobs:
         return item
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="cuepipe-batch") as pool:
-            summary.items = list(pool.map(settle, inputs))
+        if remote is None:
+            with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="cuepipe-batch") as pool:
+                summary.items = list(pool.map(settle, inputs))
+        else:
+            planned = [runner.plan(entry) for entry in inputs]
+            summary.items = [item for item, _ in planned]
+            for item, _ in planned:
+                if item.status != "pending" and on_item is not None:
+                    on_item(item)
+            todo = [(i, entry) for i, (entry, (item, _)) in enumerate(zip(inputs, planned, strict=True))
+                    if item.status == "pending"]
+            for i, item in remote.run(todo):
+                runner.record(item, planned[i][1])
+                summary.items[i] = item
+                if on_item is not None:
+                    on_item(item)
     finally:
         runner.close()
         summary.seconds = now() - started

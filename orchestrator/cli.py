@@ -89,6 +89,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     jobs = jobs_allowed(pipeline, args.jobs)
+    remote = None
+    if args.engine == "ray":
+        from cuepipe.orchestrator.pipeline import find_file
+        from cuepipe.orchestrator.rayjobs import RayExecutor
+
+        try:
+            remote = RayExecutor(find_file(args.pipelines).resolve(), args.pipeline, args.set, args.out.resolve(),
+                                 pipeline.resource, args.jobs if args.jobs > 1 else None, args.address,
+                                 list(args.report) + list(pipeline.report))
+        except CuepipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_ARGUMENT
     cancel = threading.Event()
     with (EventSender(list(args.report) + list(pipeline.report)) as sender,
           BatchDisplay(len(inputs), args.json) as display, cancel_on_signals(cancel)):
@@ -96,8 +108,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
             sender.emit(event)
             display.show(event)
 
-        summary = run_batch(pipeline, inputs, args.out, jobs=jobs, force=args.force, sink=sink,
-                            on_item=lambda item: display.settled(dataclasses.asdict(item)), cancel=cancel)
+        try:
+            summary = run_batch(pipeline, inputs, args.out, jobs=jobs, force=args.force, sink=sink,
+                                on_item=lambda item: display.settled(dataclasses.asdict(item)), cancel=cancel,
+                                remote=remote)
+        finally:
+            if remote is not None:
+                remote.close()
     if not args.json:
         print(summary.table())
         print(f"summary: {Path(summary.out) / 'batch_summary.json'}; report: {Path(summary.out) / 'report.html'}")
@@ -304,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--report", action="append", default=[], type=_address, metavar="HOST:PORT",
                      help="send every Job's Events here too (repeatable)")
     bat.add_argument("--json", action="store_true", help="JSON lines: every Event, then an item line per input")
+    bat.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: run the Jobs on a Ray "
+                     "cluster (the optional 'ray' extra; docs/batch.md)")
+    bat.add_argument("--address", help="the Ray cluster to join (e.g. ray://head:10001; default: a new local one)")
     bat.set_defaults(func=cmd_batch)
 
     wat = sub.add_parser("watch", help="run a pipeline on every video dropped into a folder (then done/ or failed/)")

@@ -29,6 +29,18 @@ def fake_td() -> Iterator[FakeTD]:
     td.close()
 
 
+def _ray_own(proc: psutil.Process) -> bool:
+    """A process of the one local Ray that tests/test_ray.py starts for the whole run (its workers come and
+    go as Ray likes): not a leak of the test that happened to be running. Stage processes under a Ray
+    actor are still caught: they run ``cuepipe.stages``."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return "cuepipe.stages" not in cmdline and (proc.name().startswith("ray::") or "/ray/" in cmdline
+                                                 or "raylet" in cmdline or "gcs_server" in cmdline)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail any test that leaves a child process or a non-daemon thread behind."""
@@ -38,9 +50,10 @@ def no_leaks() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 3.0
     while True:
-        left = [p for p in me.children(recursive=True) if p.pid not in before_children]
+        left = [p for p in me.children(recursive=True) if p.pid not in before_children and not _ray_own(p)]
         left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        threads = [t for t in threading.enumerate() if t not in before_threads and t.is_alive()]
+        threads = [t for t in threading.enumerate() if t not in before_threads and t.is_alive()
+                   and not t.name.startswith("ray_")]
         if not left and not threads:
             return
         if time.monotonic() > deadline:
