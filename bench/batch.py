@@ -30,7 +30,7 @@ def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed: {(proc.stderr or proc.stdout)[-2000:]}")
     return time.perf_counter() - start
 
 

@@ -32,7 +32,9 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -247,6 +249,17 @@ class Remote(Protocol):
     def run(self, inputs: Sequence[tuple[int, BatchInput]]) -> Iterable[tuple[int, Item]]: ...
 
 
+def warm_pool(pipeline: Pipeline, folder: Path | None = None) -> WorkerPool:
+    """Resident Workers for the Pipeline's ``warm`` Steps, preloading their models (logs in a temporary
+    folder unless ``folder``)."""
+    preloads: dict[str, list[dict[str, Any]]] = {}
+    for step in pipeline.stages:
+        if step.warm:
+            preloads.setdefault(step.name, []).append({k: str(v) if isinstance(v, Path) else v
+                                                       for k, v in step.params.items()})
+    return WorkerPool(folder or Path(tempfile.mkdtemp(prefix="cuepipe-workers-")), preloads=preloads)
+
+
 def execute(pipeline: Pipeline, entry: BatchInput, out: Path, sink: EventSink | None = None,
             cancel: threading.Event | None = None, work_root: Path | None = None, python: str | None = None,
             pool: WorkerPool | None = None) -> Item:
@@ -290,7 +303,10 @@ class Runner:
                  pool: WorkerPool | None = None) -> None:
         self.pipeline, self.out = pipeline, out.resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.sink, self.force, self.python, self.pool = sink, force, python or sys.executable, pool
+        self.sink, self.force, self.python = sink, force, python or sys.executable
+        self._own_pool = pool is None and any(step.warm for step in pipeline.stages)
+        # warm Steps keep their model loaded from one input to the next, as under `cuepipe serve`
+        self.pool = warm_pool(pipeline) if self._own_pool else pool
         self.cancel = cancel or threading.Event()
         self.definition = definition(pipeline)
         self.journal = Journal(self.out / JOURNAL_NAME)
@@ -341,6 +357,9 @@ class Runner:
 
     def close(self) -> None:
         self.journal.close()
+        if self._own_pool and self.pool is not None:
+            self.pool.stop()
+            shutil.rmtree(self.pool.folder, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.work_root.rmdir()  # only if empty: failed Jobs keep their work folders, for diagnosis
 

@@ -53,14 +53,14 @@ class RayWorker:
 
     def __init__(self, pipelines: str, name: str, sets: Sequence[str], out: str,
                  reports: Sequence[tuple[str, int]]) -> None:
+        from cuepipe.orchestrator.batch import warm_pool
         from cuepipe.orchestrator.pipeline import load_file, resolve_request
-        from cuepipe.orchestrator.resident import WorkerPool
         from cuepipe.stages.sender import EventSender
 
         self.pipeline = resolve_request(load_file(Path(pipelines)), name, sets)
         self.out = Path(out)
         self.scratch = Path(tempfile.mkdtemp(prefix="cuepipe-ray-"))  # node-local: stages write here
-        self.pool = WorkerPool(self.scratch / "workers")
+        self.pool = warm_pool(self.pipeline, self.scratch / "workers")
         self.sender = EventSender(list(reports))
 
     def run(self, path: str, relative: str) -> Item:

@@ -2,8 +2,9 @@
 
     cuepipe watch matte D:/inbox --out D:/renders [--settle 2] [--polling] [--report 127.0.0.1:7000]
 
-A file is taken only once it is complete: at once when the system says its writer closed it, or when
-it was moved (renamed) into the inbox, and otherwise when its size and modification time have not
+A file is taken only once it is complete: at once when the system says its writer closed it (Linux),
+or when it was renamed inside the inbox (from a partial name; one moved in from another folder is
+reported as merely created), and otherwise when its size and modification time have not
 changed for ``settle`` seconds (every copy over a network share: SMB and NFS send no events, which is
 what ``polling`` is for, with watchdog's polling observer). Hidden files and partial names (``*.part``,
 ``*.tmp``, ``*.crdownload``, ``~$...``) are never taken; a file that is not a video (by its extension)

@@ -31,11 +31,11 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import numpy as np
 
-__all__ = ["BufferPool", "FrameWriter", "Sink", "run_frames"]
+__all__ = ["BufferPool", "ClosedOrAborted", "FrameWriter", "Sink", "run_frames"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,26 @@ class FrameWriter(Protocol):
     def write(self, frame: np.ndarray) -> None: ...
 
     def abort(self) -> None: ...
+
+
+class ClosedOrAborted:
+    """What every frame writer is as a ``with`` block (a file, a frame ring, a stream): ``close()`` when it
+    ends cleanly, ``abort()`` when it ends by an exception, so a failure never leaves a half output."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 @dataclass(frozen=True)

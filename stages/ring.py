@@ -70,6 +70,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.framepipe import ClosedOrAborted
 from cuepipe.stages.ringshm import (
     EndOfStream,
     H,
@@ -192,7 +193,7 @@ class _End:
             self._waited_s += self._now() - start
 
 
-class RingWriter(_End):
+class RingWriter(_End, ClosedOrAborted):
     """The end that creates the ring, puts frames and unlinks it. Use it as a context manager."""
 
     _peer, _kind = "reader", ErrorKind.OUTPUT_ERROR
@@ -265,15 +266,6 @@ class RingWriter(_End):
             self._seg.header[H.WRITER_STATE] = state
             self._seg.close(unlink=True)
 
-    def __enter__(self) -> RingWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class RingReader(_End):

@@ -30,12 +30,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.framepipe import ClosedOrAborted
 from cuepipe.stages.ring import (
     EndOfStream,
     RingError,
@@ -181,7 +181,7 @@ class StreamReader:
         self.close()
 
 
-class StreamWriter:
+class StreamWriter(ClosedOrAborted):
     """A stage's first output sent to the stream ``name`` instead of its file: a ``FrameWriter`` for the
     frame pipeline and a context manager like ``VideoWriter`` (close on success, abort on an exception).
 
@@ -233,16 +233,6 @@ class StreamWriter:
         with self._lock:
             self._aborted = True
             self._ring.abort()
-
-    def __enter__(self) -> StreamWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def open_frames(input: str | Path, channels: int, image_fps: float = 30.0) -> Any:

@@ -82,6 +82,7 @@ from typing import IO, Any
 import numpy as np
 
 from cuepipe.stages.errors import ErrorKind
+from cuepipe.stages.framepipe import ClosedOrAborted
 from cuepipe.stages.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def _error_text(stderr: IO[bytes], message: str) -> str:
     return f"{message}: {detail}" if message and detail else message or detail
 
 
-class VideoWriter:
+class VideoWriter(ClosedOrAborted):
     """Writes uint8 frames to ``path`` through ffmpeg; the output appears there only on success.
 
     ``channels``: 1 = gray HxW, 3 = BGR HxWx3, 4 = BGRA HxWx4; ``Codec.channels`` says which a codec
@@ -394,15 +395,6 @@ class VideoWriter:
             self._stderr.close()
         if hasattr(self, "temp_path"):
             _remove(self.temp_path)
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def __del__(self) -> None:
         if getattr(self, "_proc", None) is not None or getattr(self, "_cmd", None) is not None:

@@ -200,3 +200,21 @@ def test_identity_changes_with_content_and_time(tmp_path: Path) -> None:
     changed = identity(clip)
     os.utime(clip, ns=(2, 2))
     assert identity(clip) != changed
+
+
+def test_warm_steps_keep_one_resident_process_for_the_whole_batch(tmp_path: Path, footage: Path) -> None:
+    """A ``warm`` Step runs on a resident Worker, as under ``cuepipe serve``: one process (one model load)
+    for every input of the batch, stopped when the batch ends."""
+    from cuepipe.orchestrator.batch import run_batch
+    from cuepipe.orchestrator.pipeline import parse
+    from cuepipe.stages.codec import Message
+
+    text = PIPELINES.replace('stage = "preprocess"', 'stage = "preprocess"\nwarm = true')
+    pipeline = parse(text, tmp_path / "pipelines.toml").pipelines["small"]
+    events: list[Message] = []
+    summary = run_batch(pipeline, collect([footage / "a.mp4", footage / "seq", footage / "sub dir"]),
+                        tmp_path / "out", sink=events.append)
+    assert [i.status for i in summary.items] == ["done", "done", "done"]
+    pids = {e["pid"] for e in events if e.spec.name == "job/stage_started"}
+    assert len(pids) == 1
+    # the resident process is stopped with the batch: the leak check of every test (conftest.py) fails otherwise
