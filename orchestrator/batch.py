@@ -47,7 +47,6 @@ from cuepipe.orchestrator import defaults
 from cuepipe.orchestrator.job import Job, JobState
 from cuepipe.orchestrator.journal import Journal
 from cuepipe.orchestrator.pipeline import Pipeline, describe_pipeline
-from cuepipe.orchestrator.report import write_report
 from cuepipe.orchestrator.resident import WorkerPool
 from cuepipe.stages.codec import Message
 from cuepipe.stages.errors import CuepipeError, ErrorKind
@@ -407,6 +406,8 @@ def run_batch(pipeline: Pipeline, inputs: Sequence[BatchInput], out: Path, jobs:
         summary.seconds = now() - started
         summary.write(runner.out)
         try:
+            from cuepipe.orchestrator.report import write_report  # OpenCV: imported when a batch has run
+
             write_report(summary.to_json(), runner.out)
         except Exception:  # the report is a view of the summary: never what fails a batch
             log.exception("cannot write the batch report in %s", runner.out)

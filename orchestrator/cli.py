@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cuepipe.orchestrator import defaults
-from cuepipe.orchestrator.batch import Item
 from cuepipe.orchestrator.foreground import cancel_on_signals, load_pipelines, run_job
 from cuepipe.orchestrator.job import JobState
 from cuepipe.orchestrator.pipeline import ConfigError, PipelineFile, describe, missing_resources
@@ -125,7 +124,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """``cuepipe watch``: orchestrator/watch.py; runs until Ctrl-C / SIGTERM (exit 0) or a bad request (2)."""
-    from cuepipe.orchestrator.batch import Runner, jobs_allowed
+    from cuepipe.orchestrator.batch import Item, Runner, jobs_allowed
     from cuepipe.orchestrator.pipeline import resolve_request
     from cuepipe.orchestrator.terminal import EventDisplay
     from cuepipe.orchestrator.watch import Watcher, WatchService
