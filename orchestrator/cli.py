@@ -228,9 +228,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc} (another cuepipe serve, or TD, on that "
               "port? choose another with --port)", file=sys.stderr)
         return EXIT_BAD_ARGUMENT
-    print(f"cuepipe serve listening on {args.host}:{daemon.socket.port}", flush=True)
     stop = threading.Event()
-    with cancel_on_signals(stop):
+    with cancel_on_signals(stop):  # before saying it listens: a stop right after that is a polite one
+        print(f"cuepipe serve listening on {args.host}:{daemon.socket.port}", flush=True)
         daemon.serve(stop)
     return EXIT_OK
 

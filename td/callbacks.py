@@ -105,7 +105,12 @@ def onOffToOn(channel: Any, sampleIndex: Any, val: Any, prev: Any) -> Any:
     return chop_edge(_channel_anchor(channel), channel, 1.0, 0.0)
 
 
-def onValueChange(channel: Any, sampleIndex: Any, val: Any, prev: Any) -> Any:
+def onValueChange(channel: Any, sampleIndex: Any = None, val: Any = None, prev: Any = None) -> Any:
+    """CHOP Execute's ``(channel, sampleIndex, val, prev)``. A Parameter Execute DAT pointed at this file
+    with Value Change on calls it as ``(par, prev)``: a parameter edit starts nothing, so that is ignored
+    instead of raising in TD's error log (turn Value Change off: only pulses act)."""
+    if val is None and prev is None:  # (par, prev): a Parameter Execute DAT's value change
+        return None
     return chop_edge(_channel_anchor(channel), channel, val, prev)
 
 

@@ -11,6 +11,7 @@ per frame) / ``ReceiveOSC`` / ``ReceiveBytes`` and the state ``Jobs``, ``Status`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,10 @@ from .start import (
     PipelinesQuery,
     ProcessJob,
     default_python,
+    last_line,
     new_job_id,
+    setup_venv,
+    start_daemon,
     start_job,
 )
 
@@ -39,6 +43,22 @@ log = logging.getLogger(__name__)
 
 CANCEL_GRACE = 15.0  # seconds after a cancel before the launcher is killed outright
 RESUBSCRIBE = 5.0  # seconds between cmd/subscribe while the daemon is not alive
+
+
+def td_global(name: str) -> Any:
+    """One of TD's globals (``app``, ``project``, ``tdu``...) at call time, or None outside TD: from TD's
+    ``td`` module, else the builtins TD puts them in; never at import."""
+    import builtins
+
+    module = sys.modules.get("td")
+    value = getattr(module, name, None) if module is not None else None
+    return value if value is not None else getattr(builtins, name, None)
+
+
+def td_python() -> str:
+    """The interpreter TD itself runs (``app.pythonExecutable``), or "" outside TD."""
+    app = td_global("app")
+    return str(getattr(app, "pythonExecutable", "") or "") if app is not None else ""
 
 
 class CuepipeExt:
@@ -62,6 +82,7 @@ class CuepipeExt:
         self.Status, self.Daemon, self.Progress = make("idle"), make("unknown"), make(0.0)
         self.ActiveJob, self.LastOutput, self.Pipelines = make(""), make(""), make([])
         self.procs: dict[str, ProcessJob] = {}
+        self.helpers: dict[str, ProcessJob] = {}  # "daemon" (Start daemon), "venv" (Setup venv)
         self._cancelled_at: dict[str, float] = {}
         self._client: DaemonClient | None = None
         self._query: PipelinesQuery | None = None
@@ -84,10 +105,28 @@ class CuepipeExt:
         return str(self._par("Mode", "run")).lower()
 
     def _python(self) -> str:
-        python = str(self._par("Python", "")) or str(default_python(Path(self._par("Repo", REPO_ROOT))))
-        if "touchdesigner" in sys.executable.lower() and os.path.normcase(python) == os.path.normcase(sys.executable):
-            raise LaunchError("Python points at TouchDesigner's own interpreter; set it to the venv's python")
+        python = str(self._par("Python", "")) or str(default_python(self._repo()))
+        own = td_python()
+        if own and os.path.normcase(os.path.abspath(python)) == os.path.normcase(os.path.abspath(own)):
+            raise LaunchError("Python points at TouchDesigner's own interpreter; set it to the venv's python "
+                              "(press Setup venv to make one)")
         return python
+
+    def _repo(self) -> Path:
+        return Path(self._par("Repo", REPO_ROOT))
+
+    def _input(self, text: str) -> str:
+        """An input as the user typed it: TD project paths (``movies://...``) expanded, and a relative path
+        taken against the project's folder (TD's working folder is not documented to be it)."""
+        expanded = td_global("tdu")
+        if expanded is not None:
+            with contextlib.suppress(Exception):  # an older build without expandPath: the path as typed
+                text = str(expanded.expandPath(text))
+        project = td_global("project")
+        folder = getattr(project, "folder", None) if project is not None else None
+        if folder and not os.path.isabs(text):
+            text = os.path.join(str(folder), text)
+        return os.path.abspath(text)
 
     def _options(self) -> LaunchOptions:
         return LaunchOptions(python=self._python(), report_port=int(self._par("Oscinport", 7000)),
@@ -116,7 +155,8 @@ class CuepipeExt:
         sets = list(sets) if sets is not None else split_sets(str(self._par("Sets", "")))
         if self._mode() == "daemon":  # the path is the daemon's business (it may run on another machine)
             return self._start_daemon(pipeline, input, sets, chained)
-        input = os.path.abspath(input)  # relative to TD's working folder (the project folder)
+        input = self._input(input)
+        self._release_movie(input)
         job = new_job_id()
         row = self.Jobs.add(job, pipeline, input, "run")
         row.chained = chained
@@ -209,10 +249,68 @@ class CuepipeExt:
         self.Jobs.clear_finished()
         self._render()
 
+    def StartDaemon(self) -> None:
+        """Start ``cuepipe serve`` on the Daemon port with the venv's Python (inputs under the project folder
+        and the repository; its journal in ``<Repo>/.cuepipe-state``); Mode = daemon then sends jobs there."""
+        running = self.helpers.get("daemon")
+        if running is not None and running.poll() is None:
+            self._say(f"cuepipe serve is already running (pid {running.pid})")
+            return
+        project = td_global("project")
+        roots = [str(r) for r in (getattr(project, "folder", None), self._repo()) if r]
+        try:
+            self.helpers["daemon"] = start_daemon(self._options(), int(self._par("Daemonport", 9000)),
+                                                  self._repo() / ".cuepipe-state", roots)
+        except LaunchError as exc:
+            self._say(str(exc))
+            return
+        self._say(f"starting cuepipe serve on port {int(self._par('Daemonport', 9000))}")
+
+    def StopDaemon(self) -> None:
+        daemon = self.helpers.get("daemon")
+        if daemon is None or daemon.poll() is not None:
+            self._say("no cuepipe serve started from here is running")
+            return
+        daemon.stop()
+        self._say("stopping cuepipe serve")
+
+    def SetupVenv(self, base: Sequence[str] | None = None, pip_args: Sequence[str] = ()) -> None:
+        """Make ``<Repo>/.venv`` and install cuepipe into it, in the background (never into TD's own
+        Python); Status shows the log's last line while it runs, then the result."""
+        running = self.helpers.get("venv")
+        if running is not None and running.poll() is None:
+            self._say("the venv is being set up already")
+            return
+        try:
+            self.helpers["venv"] = setup_venv(self._repo(), base, pip_args)
+        except LaunchError as exc:
+            self._say(str(exc))
+            return
+        self._say(f"setting up the venv in {self._repo() / '.venv'} (log: {self.helpers['venv'].log_path})")
+
+    def _poll_helpers(self) -> None:
+        for name, handle in list(self.helpers.items()):
+            code = handle.poll()
+            if name == "venv" and code is None:
+                line = last_line(handle.log_path)
+                if line:
+                    self._say(f"setting up the venv: {line[-120:]}")
+            elif code is not None:
+                del self.helpers[name]
+                if name == "venv":
+                    self._say(f"venv ready: {default_python(self._repo())}" if code == 0 else
+                              f"venv setup failed (exit code {code}): see {handle.log_path}")
+                    if code == 0:
+                        self.RefreshPipelines()
+                else:
+                    self._say(f"cuepipe serve exited (code {code}); its log: {handle.log_path}")
+
     def OnPulse(self, par: Any) -> None:
         """For a Parameter Execute DAT's ``onPulse(par)``."""
         actions: dict[str, Callable[[], Any]] = {"Start": self.Start, "Cancel": self.Cancel,
-                                                 "Refresh": self.RefreshPipelines, "Clear": self.Clear}
+                                                 "Refresh": self.RefreshPipelines, "Clear": self.Clear,
+                                                 "Startdaemon": self.StartDaemon, "Stopdaemon": self.StopDaemon,
+                                                 "Setupvenv": self.SetupVenv}
         action = actions.get(getattr(par, "name", ""))
         if action is not None:
             action()
@@ -241,6 +339,7 @@ class CuepipeExt:
                 log.warning("%s ignored its cancel for %.0f s; killing it", job, CANCEL_GRACE)
                 handle.kill_tree()
                 del self._cancelled_at[job]
+        self._poll_helpers()
         self.Jobs.daemon.offline_after = int(self._par("Heartbeats", self.Jobs.daemon.offline_after))
         self.Jobs.tick()
         if self._mode() == "daemon" and self.Jobs.daemon.state != "alive" and (
@@ -259,7 +358,8 @@ class CuepipeExt:
         self._render()
 
     def Close(self, cancel: bool = False) -> None:
-        """Release sockets and helpers; running jobs go on (``cancel=True`` cancels them)."""
+        """Release sockets and helpers; running jobs, a daemon and a venv setup go on (``cancel=True``
+        cancels the jobs)."""
         if cancel:
             for handle in self.procs.values():
                 handle.cancel()
@@ -281,6 +381,9 @@ class CuepipeExt:
             movie = self._par("Movieout")
             if movie is not None:
                 movie.par.file = row.output
+                reload = getattr(movie.par, "reloadpulse", None)
+                if reload is not None:  # the same path as before (a re-run) would not reload by itself
+                    reload.pulse()
             following = str(self._par("Nextpipeline", ""))
             if following and not row.chained and row.pipeline != following:
                 self.Start(pipeline=following, input=row.output, sets=(), chained=True)
@@ -319,8 +422,23 @@ class CuepipeExt:
         if callable(function):
             function(self, *args)
 
+    def _release_movie(self, input: str) -> None:
+        """Unload the Movie out TOP when it shows this input's output: a re-run publishes the same path,
+        which Windows refuses to replace while TD holds the file open. The new output is loaded after
+        ``job/done`` (``_job_end``)."""
+        movie = self._par("Movieout")
+        par = getattr(getattr(movie, "par", None), "file", None)
+        shown = str(par.eval()) if par is not None and hasattr(par, "eval") else str(par or "")
+        if movie is not None and shown and Path(shown).name.startswith(f"{Path(input).stem}_"):
+            movie.par.file = ""
+
     def _say(self, text: str) -> None:
         assign(self.Status, text)
+        status = getattr(self.owner.par, "Status", None)  # the read-only Status parameter, where there is one
+        if status is not None and not str(getattr(status, "mode", "")).endswith("EXPRESSION"):  # built: it
+            # follows self.Status by expression (td/build_comp.py); a hand-made one is written here
+            with contextlib.suppress(Exception):  # an expression-driven Status follows self.Status instead
+                status.val = text
         log.info("cuepipe: %s", text)
 
     def _render(self) -> None:

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -132,6 +134,20 @@ class ProcessJob:
         self.kill_tree()
         return True
 
+    def stop(self) -> None:
+        """The polite stop of a process that does not read its stdin (``cuepipe serve``): SIGTERM, or on
+        Windows CTRL_BREAK to its process group (both end it as Ctrl-C would)."""
+        if self.process.poll() is not None:
+            return
+        try:
+            if IS_WINDOWS:
+                os.kill(self.pid, signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+            else:
+                self.process.terminate()
+        except OSError as exc:
+            log.warning("stopping %s failed (%s); killing it", self.pid, exc)
+            self.kill_tree()
+
     def kill_tree(self) -> None:
         """Last resort: kill the launcher (and on Windows its whole tree); no Event is sent then."""
         if self.process.poll() is not None:
@@ -149,18 +165,93 @@ def start_job(options: LaunchOptions, pipeline: str, input: str, sets: Sequence[
     job_id = job_id or new_job_id()
     command = build_command(options, pipeline, input, job_id, sets)
     folder = Path(options.log_dir) if options.log_dir else Path(tempfile.gettempdir()) / "cuepipe-td"
-    log_path = folder / f"{job_id}.log"
-    env = child_env() if options.env is None else dict(options.env)
+    return _start(job_id, pipeline, input, command, folder / f"{job_id}.log", options.env, options.cwd)
+
+
+def _start(name: str, pipeline: str, input: str, command: list[str], log_path: Path,
+           env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+           fresh: bool = False) -> ProcessJob:
+    """Start ``command`` in the background, its output appended to ``log_path`` (``fresh``: the log starts
+    empty); LaunchError if it cannot."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log_file:  # the child keeps its own handle; ours closes here
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb" if fresh else "ab") as log_file:  # the child keeps its handle; ours closes
             process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log_file,
-                                       stderr=subprocess.STDOUT, cwd=options.cwd, env=env, close_fds=True,
+                                       stderr=subprocess.STDOUT, cwd=cwd,
+                                       env=child_env() if env is None else dict(env), close_fds=True,
                                        **_spawn_flags())
     except OSError as exc:
         raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
-    log.info("started %s (pid %s), log %s", job_id, process.pid, log_path)
-    return ProcessJob(job_id, pipeline, input, process, command, log_path)
+    log.info("started %s (pid %s), log %s", name, process.pid, log_path)
+    return ProcessJob(name, pipeline, input, process, command, log_path)
+
+
+def start_daemon(options: LaunchOptions, port: int, state: str | os.PathLike[str],
+                 roots: Sequence[str | os.PathLike[str]] = ()) -> ProcessJob:
+    """Start ``cuepipe serve --port PORT --state STATE`` with the venv's interpreter, in the background (the
+    COMP's Start daemon pulse); ``ProcessJob.stop`` ends it. Inputs must lie under ``roots`` (its ``--root``).
+    Its log, ``serve.log`` beside the jobs' logs, starts empty at each start."""
+    cmd = [os.fspath(options.python), "-m", "cuepipe.orchestrator.cli"]
+    if options.pipelines:
+        cmd += ["--pipelines", os.fspath(options.pipelines)]
+    cmd += ["serve", "--port", str(port), "--state", os.fspath(state)]
+    for root in roots:
+        cmd += ["--root", os.fspath(root)]
+    folder = Path(options.log_dir) if options.log_dir else Path(tempfile.gettempdir()) / "cuepipe-td"
+    return _start("daemon", "", "", cmd, folder / "serve.log", options.env, options.cwd, fresh=True)
+
+
+#: The script a system Python runs to make the venv: create it, then install cuepipe into it with pip.
+_SETUP_SCRIPT = """import subprocess, sys, venv
+from pathlib import Path
+repo, target, extra = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+print("creating", target, flush=True)
+venv.create(target, with_pip=True)
+python = target / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+print("installing cuepipe into", target, flush=True)
+sys.exit(subprocess.call([str(python), "-m", "pip", "install", "--progress-bar", "off", *extra, "-e", str(repo)]))
+"""
+
+
+def base_python(windows: bool = IS_WINDOWS) -> list[str]:
+    """A system Python 3.11+ to create the venv with (never TD's own): ``py -3.11`` on Windows, else
+    ``python3.11`` or ``python3``. LaunchError naming what to install when there is none."""
+    for candidate in ([["py", "-3.11"]] if windows else [["python3.11"], ["python3"]]):
+        if shutil.which(candidate[0]) and _is_311_or_newer(candidate):
+            return candidate
+    raise LaunchError("no system Python 3.11 found to make the venv with: install Python 3.11 from "
+                      "python.org, or make the venv by hand (README) and set the Python parameter")
+
+
+def _is_311_or_newer(command: list[str]) -> bool:
+    """Whether ``command`` runs a Python >= 3.11 (one short run, once a Setup venv press)."""
+    try:
+        probe = subprocess.run([*command, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                               capture_output=True, text=True, timeout=10, env=child_env(), **_spawn_flags())
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.stdout.strip() == "True"
+
+
+def setup_venv(repo: Path = REPO_ROOT, base: Sequence[str] | None = None, pip_args: Sequence[str] = (),
+               log_dir: str | os.PathLike[str] | None = None) -> ProcessJob:
+    """Create ``<repo>/.venv`` and install cuepipe into it, as a logged background process (the COMP's
+    Setup venv pulse); poll it like a job. ``pip_args`` go to pip (tests: ``--no-deps``, offline)."""
+    base = list(base) if base is not None else base_python()
+    command = [*base, "-c", _SETUP_SCRIPT, os.fspath(repo), os.fspath(repo / ".venv"), *pip_args]
+    return _start("setup-venv", "", "", command, Path(log_dir or repo) / ".venv-setup.log")
+
+
+def last_line(path: Path, limit: int = 4096) -> str:
+    """The last non-empty line of a log file (what Status shows while a helper process runs)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 class DaemonClient:

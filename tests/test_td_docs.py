@@ -45,12 +45,25 @@ def comp() -> FakeComp:
     return made
 
 
+class OpGlobal:
+    """TD's ``op``: ``op(path)``, and ``op.Cuepipe``, the COMP's Global OP Shortcut."""
+
+    def __init__(self, comp: FakeComp) -> None:
+        self.Cuepipe = comp
+
+    def __call__(self, path: str) -> Any:
+        return None  # the guide's shims never use a path: a relative one breaks outside the COMP
+
+
+def td_namespace(comp: FakeComp, me: Any) -> dict[str, Any]:
+    """What TD gives a DAT's code: ``op`` and ``me``; the COMP holds the ``callbacks`` DAT."""
+    comp.children["callbacks"] = SimpleNamespace(module=callbacks)  # type: ignore[assignment]
+    return {"op": OpGlobal(comp), "me": me}
+
+
 def run_shim(name: str, comp: FakeComp, *args: Any) -> Recorder:
-    """Exec the guide's shim as TD would: in a namespace with ``op`` and ``me`` (a DAT in the COMP)."""
-    namespace: dict[str, Any] = {
-        "op": lambda path: SimpleNamespace(module=callbacks) if path == "callbacks" else None,
-        "me": FakeOP(name.lower() + "_dat", comp),
-    }
+    """Exec the guide's shim as TD would, from a DAT that sits outside the COMP (beside a button)."""
+    namespace = td_namespace(comp, FakeOP(name.lower() + "_dat", FakeOP("elsewhere")))
     exec(compile(shims()[name], f"docs/touchdesigner.md:{name}", "exec"), namespace)
     namespace[name](*args)
     recorder: Recorder = comp.ext.Cuepipe
@@ -58,7 +71,10 @@ def run_shim(name: str, comp: FakeComp, *args: Any) -> Recorder:
 
 
 def test_the_guide_has_a_shim_for_every_execute_dat() -> None:
-    assert set(shims()) == {"onFrameStart", "onPulse", "onOffToOn", "onTableChange"}
+    assert set(shims()) == {"onFrameStart", "onPulse", "onOffToOn", "onTableChange", "onJobDone"}
+    for name in ("onFrameStart", "onPulse", "onOffToOn", "onTableChange"):  # reach the COMP wherever they sit
+        text = shims()[name]
+        assert "op.Cuepipe.op('callbacks').module." in text and not re.search(r"(?<![.\w])op\('callbacks'\)", text)
 
 
 def test_frame_and_pulse_shims(comp: FakeComp) -> None:
@@ -70,7 +86,7 @@ def test_frame_and_pulse_shims(comp: FakeComp) -> None:
 def test_chop_shims(comp: FakeComp) -> None:
     channel = FakeChannel("matte", owner=FakeOP("button1", FakeOP("elsewhere")))  # the CHOP may live anywhere
     assert run_shim("onOffToOn", comp, channel, 0, 1.0, 0.0).calls == [("Trigger", "matte")]
-    namespace: dict[str, Any] = {"op": lambda path: SimpleNamespace(module=callbacks), "me": FakeOP("x", comp)}
+    namespace = td_namespace(comp, FakeOP("x", FakeOP("elsewhere")))
     exec(shims()["onOffToOn"], namespace)
     namespace["onValueChange"](channel, 0, 0.2, 0.0)  # below 0.5: nothing
     namespace["onValueChange"](channel, 0, 0.7, 0.2)
@@ -132,3 +148,19 @@ def test_setup_parameters_creates_the_documented_page() -> None:
     assert comp.par.Mode.menuNames == ["run", "daemon"] and comp.par.Start.style == "Pulse"
     for name, *_ in PARAMETERS:
         assert f"| {name} |" in DOC or f"{name}," in DOC or f", {name}" in DOC, f"{name} undocumented"
+
+
+def test_the_guides_user_callbacks_get_what_the_extension_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The "Your own callbacks" example, called by the extension the way it calls a Callbacks DAT."""
+    from cuepipe.td.extension import CuepipeExt
+    from cuepipe.td.rows import JobRow
+
+    log = FakeTableDAT("done_log", FakeOP("project1"), [])
+    namespace: dict[str, Any] = {"op": lambda path: log if path == "done_log" else None}
+    exec(compile(shims()["onJobDone"], "docs/touchdesigner.md:onJobDone", "exec"), namespace)
+    comp = FakeComp(Callbacks=SimpleNamespace(module=SimpleNamespace(**namespace)))
+    ext = CuepipeExt(comp, auto_refresh=False)
+    ext._job_end(JobRow("j1", pipeline="matte", input="/in/a.mov", state="done", outputs=("/out/a_matte.mov",)))
+    assert [[cell.val for cell in row] for row in log.cells] == [["j1", "matte", "/in/a.mov", "/out/a_matte.mov"]]
+    ext._job_end(JobRow("j2", pipeline="matte", input="/in/b.mov", state="failed", error="bad_input: no video"))
+    assert "matte on /in/b.mov failed: bad_input: no video" in capsys.readouterr().out
