@@ -23,16 +23,13 @@ PACKAGE = "cuepipe_td"
 NEEDS = (3, 11)  # TD 2023 and 2025 builds embed Python 3.11; TD 2022 builds 3.9
 
 
-class PythonTooOld(RuntimeError):
-    """This TouchDesigner's Python is older than cuepipe's td/ needs (stdlib only: boot.py stands alone)."""
-
-
 def check_python(version: tuple[int, ...] | None = None) -> None:
     """Refuse a TD whose Python is older than 3.11, with the TD build to install, before anything fails
-    deeper down (td/ uses 3.10+ syntax and ``zip(strict=...)``)."""
+    deeper down (td/ uses 3.10+ syntax and ``zip(strict=...)``). An ImportError, as boot.py's others: it
+    stands alone, before the package (and its error root) can load."""
     have = tuple(version if version is not None else sys.version_info[:3])
     if have[:2] < NEEDS:
-        raise PythonTooOld(
+        raise ImportError(
             f"cuepipe needs TouchDesigner's Python {NEEDS[0]}.{NEEDS[1]} (a TD 2023 or 2025 build); this TD "
             f"runs Python {'.'.join(map(str, have))} (a TD 2022 build): install a TouchDesigner 2023 or 2025 build")
 

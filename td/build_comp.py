@@ -200,17 +200,8 @@ def setup_extension(comp: Any, report: Report) -> str:
 
 def setup_page(comp: Any, package: ModuleType, report: Report) -> list[str]:
     """td/parameters.py's page (``setup_parameters``), then ``EXTRA_PARAMETERS`` on the same page."""
-    created = package.parameters.setup_parameters(comp, PAGE)
-    page = next(p for p in comp.customPages if p.name == PAGE)
-    for name, style, label, default, menu in EXTRA_PARAMETERS:
-        if getattr(comp.par, name, None) is not None:
-            continue
-        par = getattr(page, f"append{style}")(name, label=label)[0]
-        if menu:
-            par.menuNames, par.menuLabels = [m[0] for m in menu], [m[1] for m in menu]
-        if default is not None:
-            par.default = par.val = default
-        created.append(name)
+    created: list[str] = package.parameters.setup_parameters(comp, PAGE)
+    created += package.parameters.setup_parameters(comp, PAGE, EXTRA_PARAMETERS)
     for name, label in LABELS.items():
         par = getattr(comp.par, name, None)
         if par is not None:

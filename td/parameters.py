@@ -7,10 +7,14 @@ for people who prefer the Component Editor. Data only — nothing here refers to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 #: (name, style, label, default, menu): style picks ``Page.append<style>``.
-PARAMETERS: tuple[tuple[str, str, str, Any, tuple[tuple[str, str], ...]], ...] = (
+#: One declared parameter: name, style (Pulse, Str, Menu...), label, default, menu (name, label) pairs.
+Declared = tuple[str, str, str, Any, tuple[tuple[str, str], ...]]
+
+PARAMETERS: tuple[Declared, ...] = (
     ("Mode", "Menu", "Mode", "run", (("run", "cuepipe run per job"), ("daemon", "cuepipe serve"))),
     ("Repo", "Folder", "cuepipe folder", "", ()),
     ("Python", "File", "Python (venv)", "", ()),
@@ -35,13 +39,13 @@ PARAMETERS: tuple[tuple[str, str, str, Any, tuple[tuple[str, str], ...]], ...] =
 )
 
 
-def setup_parameters(comp: Any, page_name: str = "Cuepipe") -> list[str]:
-    """Create the custom page with ``PARAMETERS`` on ``comp``; existing parameters are left alone.
-    Returns the names it created."""
+def setup_parameters(comp: Any, page_name: str = "Cuepipe", parameters: Sequence[Declared] = PARAMETERS) -> list[str]:
+    """Create the custom page with ``parameters`` (default ``PARAMETERS``) on ``comp``; existing parameters
+    are left alone. Returns the names it created."""
     pages = [p for p in comp.customPages if p.name == page_name]
     page = pages[0] if pages else comp.appendCustomPage(page_name)
     created = []
-    for name, style, label, default, menu in PARAMETERS:
+    for name, style, label, default, menu in parameters:
         if getattr(comp.par, name, None) is not None:
             continue
         par = getattr(page, f"append{style}")(name, label=label)[0]
