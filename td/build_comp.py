@@ -312,6 +312,13 @@ def build(parent: Any = None, repo: str | os.PathLike[str] | None = None, save: 
     for child in made.values():
         remove_docked(child, ours, report)
 
+    # the COMP's own tile shows the job table (Common page: Node View = Operator Viewer, docs.derivative.ca
+    # "COMP Geometry Common Page": nodeview / opviewer), with the COMP's viewer flag on
+    missing = set_pars(comp, {"nodeview": "opviewer", "opviewer": "./jobs"})
+    comp.viewer = True
+    report.add("node viewer: the job table" if not missing else
+               f"{comp.path}: this TD build has no parameter(s) {', '.join(missing)}: its viewer stays the default")
+
     oscin = made["oscin1"]
     oscin.par.port.expr = PORT_EXPRESSION
     if par_mode is not None:

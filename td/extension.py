@@ -153,7 +153,11 @@ class CuepipeExt:
             self._say("choose a pipeline and an input first")
             return None
         sets = list(sets) if sets is not None else split_sets(str(self._par("Sets", "")))
-        if self._mode() == "daemon":  # the path is the daemon's business (it may run on another machine)
+        if self._mode() == "daemon":
+            if str(self._par("Daemonhost", "127.0.0.1")) in ("127.0.0.1", "localhost", "::1"):
+                input = self._input(input)  # a daemon on this machine reads the paths TD shows
+                self._release_movie(input)
+            # (a daemon on another machine gets the path as typed: it is that machine's path)
             return self._start_daemon(pipeline, input, sets, chained)
         input = self._input(input)
         self._release_movie(input)

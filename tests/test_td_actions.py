@@ -182,3 +182,18 @@ def test_a_parameter_value_change_reaching_the_chop_callback_is_ignored_not_an_e
 
     assert callbacks.onValueChange(FakePar("Input", "clip.mp4", owner=ext.owner), "old.mp4") is None
     assert ext.Jobs.rows == {}
+
+
+def test_a_local_daemon_gets_the_same_resolved_paths(ext: CuepipeExt, td_globals: Any, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mode daemon on this machine: the input is resolved as in run mode; on another machine it goes as typed."""
+    td_globals(tdu=SimpleNamespace(expandPath=lambda p: p.replace("movies://", "Movies/")),
+               project=SimpleNamespace(folder=str(tmp_path / "show")))
+    sent: list[str] = []
+    monkeypatch.setattr(ext, "_start_daemon", lambda pipeline, input, sets, chained: sent.append(input) or "k")
+    ext.owner.par.Mode.val = "daemon"
+    ext.owner.__dict__["par"].__dict__["Daemonhost"] = FakePar("Daemonhost", "127.0.0.1", ext.owner)
+    ext.Start(pipeline="prep", input="movies://take.mp4")
+    ext.owner.par.Daemonhost.val = "10.0.0.7"
+    ext.Start(pipeline="prep", input="movies://take.mp4")
+    assert sent == [str(tmp_path / "show" / "Movies" / "take.mp4"), "movies://take.mp4"]

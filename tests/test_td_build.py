@@ -68,6 +68,8 @@ def test_builds_the_comp_and_its_children(net: Network, tmp_path: Path) -> None:
     assert len(positions) == len(comp.children)  # every node has its own place
     assert comp.par.opshortcut.val == "Cuepipe"  # op.Cuepipe
     assert comp.par.Repo.val == ROOT.as_posix()
+    # the COMP's own tile shows the job table: Node View = Operator Viewer, pointing at it, viewer flag on
+    assert (comp.par.nodeview.val, comp.par.opviewer.val, comp.viewer) == ("opviewer", "./jobs", True)
 
 
 def test_osc_in_port_follows_the_comp_parameter_by_expression(net: Network, tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ class FakePars:
 #: operator pages on docs.derivative.ca; a fake operator of that type has exactly these.
 BUILTIN_PARS: dict[str, dict[str, Any]] = {
     "baseCOMP": {"opshortcut": "", "parentshortcut": "", "ext0object": "", "ext0name": "", "ext0promote": False,
-                 "reinitextensions": None, "initextonstart": True},
+                 "reinitextensions": None, "initextonstart": True, "nodeview": "default", "opviewer": ""},
     "textDAT": {"file": "", "syncfile": False},
     "tableDAT": {"file": ""},
     "oscinDAT": {"active": True, "port": 10000, "localaddress": "", "callbacks": ""},
@@ -120,7 +120,7 @@ BUILTIN_PARS: dict[str, dict[str, Any]] = {
 #: Spelling of the extension parameters in TD builds before ``ext0object`` (tests pass this to
 #: ``FakeCOMP(builtins=...)``).
 OLD_EXTENSION_PARS = {"opshortcut": "", "parentshortcut": "", "extension1": "", "extname1": "",
-                      "promoteextension1": False, "reinitextensions": None}
+                      "promoteextension1": False, "reinitextensions": None, "nodeview": "default", "opviewer": ""}
 
 
 class FakeConnector:
