@@ -1,8 +1,11 @@
 """Job: one run of a Pipeline on one input — stages in order, supervised, Events relayed.
 
-Each stage runs as a Worker in the Job's work folder and reports to a UDP socket the Job owns on
-127.0.0.1. A stage attempt succeeds only if it exits 0 *and* sent ``done`` naming outputs that
-exist; anything else (crash, signal, timeout, stall, no ``done``) becomes one ``stage_failed`` Event
+Each stage runs as a Worker in the Job's work folder and reports to its own UDP socket the Job owns
+on 127.0.0.1. Steps joined by streams (``stream = true``, ``Pipeline.groups``) run as one group, all
+at once, each reading the previous one's frames from a frame ring; the first failure in a group stops
+the whole group and is reported under the Step that caused it (``_try``). A stage attempt succeeds
+only if it exits 0 *and* sent ``done`` naming outputs that exist (none for one whose first output
+went to a stream); anything else (crash, signal, timeout, stall, no ``done``) becomes one ``stage_failed`` Event
 carrying the exit code and the tail of the stage's log. Final outputs are published only after the
 last stage succeeded, all or nothing and each by an atomic rename (``publish_all``), so no partial
 file or partial set ever sits at the final paths. A Job that sent ``started`` always ends with
