@@ -37,7 +37,7 @@ def _ray_own(proc: psutil.Process) -> bool:
         cmdline = " ".join(proc.cmdline())
     except psutil.Error:
         return False
-    return "cuepipe.stages" not in cmdline and (proc.name().startswith("ray::") or "/ray/" in cmdline
+    return "cuepipe.stages" not in cmdline and (proc.name().startswith("ray::") or "site-packages/ray/" in cmdline
                                                  or "raylet" in cmdline or "gcs_server" in cmdline)
 
 

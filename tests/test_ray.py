@@ -50,7 +50,7 @@ def setup(tmp_path: Path) -> tuple[Path, Pipeline, Path]:
     (inbox / "sub dir").mkdir(parents=True)
     write_clip(inbox / "a.mp4", None, width=96, height=64, frames=8, seed=1)
     write_clip(inbox / "sub dir" / "été.mp4", None, width=96, height=64, frames=12, seed=2)
-    write_clip(inbox / "long.mp4", None, width=640, height=360, frames=120, seed=3)
+    write_clip(inbox / "long.mp4", None, width=640, height=360, frames=360, seed=3)
     (inbox / "broken.mov").write_bytes(b"not a video")
     path = tmp_path / "pipelines.toml"
     path.write_text(PIPELINES)
@@ -118,7 +118,7 @@ def test_a_clip_whose_actor_dies_is_run_again(tmp_path: Path, setup: tuple[Path,
         remote.close()
     assert killed, "the clip finished before its actor could be killed"
     (item,) = summary.items
-    assert (item.status, item.frames) == ("done", 120), item
-    assert len(frames(item.outputs[0])) == 120
+    assert (item.status, item.frames) == ("done", 360), item
+    assert len(frames(item.outputs[0])) == 360
     assert len({e["job"] for e in fake_td.events if e.spec.name == "job/started"}) == 2  # run twice
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

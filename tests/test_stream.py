@@ -179,6 +179,12 @@ STYLIZE = [  # the shipped stylize pipeline, on the built-in generator (fast; no
 ]
 
 
+# the same chain at the source's size, ratio 1: seconds of matting, so a kill or a cancel lands mid-stream
+# (at 128x80 the whole clip can be through before the launcher has read the Event that triggers it)
+LONG = [{"stage": "preprocess", "params": {}}, {"stage": "matting", "params": {"outputs": "source_rgba", "ratio": 1.0}},
+        STYLIZE[2]]
+
+
 def _pipeline(tmp_path: Path, stream: bool, stages: list[dict[str, object]] | None = None) -> Pipeline:
     table = {"stream": stream, "stages": stages or STYLIZE}
     return _file(pipelines_toml({"stall_timeout": 0}, p=table), tmp_path)
@@ -256,7 +262,7 @@ def test_a_stage_that_fails_stops_the_whole_streamed_job_and_is_the_one_reported
 def test_sigkill_of_a_streaming_stage_fails_the_job_and_leaves_no_segment(tmp_path: Path) -> None:
     """The middle stage (matting: reads one ring, writes the next) is killed hard mid-stream."""
     long_clip = tmp_path / "long.mp4"
-    write_clip(long_clip, None, width=160, height=96, frames=150, fps=24.0, seed=4)
+    write_clip(long_clip, None, width=320, height=192, frames=300, fps=24.0, seed=4)
     before = _segments()
     killed: list[int] = []
 
@@ -266,7 +272,7 @@ def test_sigkill_of_a_streaming_stage_fails_the_job_and_leaves_no_segment(tmp_pa
             psutil.Process(pid).kill()  # SIGKILL on POSIX, TerminateProcess on Windows
             killed.append(pid)
 
-    job, events = _job(tmp_path, _pipeline(tmp_path, True), long_clip, "out", kill_matting)
+    job, events = _job(tmp_path, _pipeline(tmp_path, True, LONG), long_clip, "out", kill_matting)
     result = job.run()
     assert killed and result.state is JobState.FAILED
     failed = next(e for e in events if e.spec.name == "job/failed")
@@ -277,14 +283,14 @@ def test_sigkill_of_a_streaming_stage_fails_the_job_and_leaves_no_segment(tmp_pa
 
 def test_cancel_mid_stream_stops_every_stage(tmp_path: Path) -> None:
     long_clip = tmp_path / "long.mp4"
-    write_clip(long_clip, None, width=160, height=96, frames=150, fps=24.0, seed=5)
+    write_clip(long_clip, None, width=320, height=192, frames=300, fps=24.0, seed=5)
     before = _segments()
 
     def cancel_at_frame_10(message: Message, cancel: threading.Event) -> None:
         if message.spec.name == "job/progress" and message["index"] == 2 and message["frame"] >= 10:
             cancel.set()
 
-    job, events = _job(tmp_path, _pipeline(tmp_path, True), long_clip, "out", cancel_at_frame_10)
+    job, events = _job(tmp_path, _pipeline(tmp_path, True, LONG), long_clip, "out", cancel_at_frame_10)
     result = job.run()
     assert result.state is JobState.CANCELLED
     assert [e.spec.name for e in events if e.spec.name.startswith("job/") and e.spec.name in (

@@ -165,7 +165,7 @@ def test_a_restart_neither_redoes_nor_skips(tmp_path: Path, pipeline: Pipeline, 
 
 def test_a_file_running_when_the_watcher_stops_stays_in_the_inbox(tmp_path: Path, pipeline: Pipeline) -> None:
     long_clip = tmp_path / "long.mp4"
-    write_clip(long_clip, None, width=640, height=360, frames=240, seed=3)
+    write_clip(long_clip, None, width=640, height=360, frames=600, seed=3)
     with Service(tmp_path, pipeline, settle_s=0.3, polling=False) as s:
         (s.inbox / "long.mp4").write_bytes(long_clip.read_bytes())
         deadline = time.monotonic() + 30
