@@ -81,7 +81,7 @@ from cuepipe.stages.stage import (
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     from cuepipe.models.contract import GeneratorContract
     from cuepipe.stages.contactsheet import ContactSheet
-    from cuepipe.stages.framepipe import FrameWriter, Sink
+    from cuepipe.stages.framepipe import Sink
     from cuepipe.stages.generator import Generator
     from cuepipe.stages.stream import StreamInfo
     from cuepipe.stages.video import AudioSource
@@ -322,17 +322,11 @@ def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, audi
     from cuepipe.stages.blend import composite, to_bgra
     from cuepipe.stages.framepipe import Sink
     from cuepipe.stages.framing import Generated
-    from cuepipe.stages.stream import StreamWriter
-    from cuepipe.stages.video import Codec, VideoWriter
+    from cuepipe.stages.stream import output_writer
 
     file, codec, channels = OUTPUTS[name]
-    writer: FrameWriter
-    if stream is None:
-        writer = stack.enter_context(VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec),
-                                                 channels=channels, audio=None if codec == "png" else audio,
-                                                 lazy=True))  # ffmpeg starts with the first frame
-    else:
-        writer = stack.enter_context(StreamWriter(stream[0], width, height, channels, stream[1]))
+    writer = stack.enter_context(output_writer(output_dir / file, width, height, fps, codec, channels,
+                                               None if codec == "png" else audio, stream))  # lazy: see matting
     out = np.empty((height, width, channels), np.uint8)  # write() has copied it into ffmpeg's pipe on return
 
     def convert(g: Generated) -> np.ndarray:

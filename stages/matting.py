@@ -80,7 +80,7 @@ from cuepipe.stages.stage import parse_outputs as stage_parse_outputs
 if TYPE_CHECKING:  # heavy modules (onnxruntime, numpy, cv2) are imported in run()
     import numpy as np
 
-    from cuepipe.stages.framepipe import FrameWriter, Sink
+    from cuepipe.stages.framepipe import Sink
     from cuepipe.stages.rvm import RVM, InputBuffer
     from cuepipe.stages.stream import StreamInfo
     from cuepipe.stages.video import AudioSource
@@ -301,18 +301,12 @@ def _sink(name: str, output_dir: Path, width: int, height: int, fps: float, back
 
     from cuepipe.stages.blend import composite, parse_background, to_bgra
     from cuepipe.stages.framepipe import Sink
-    from cuepipe.stages.stream import StreamWriter
-    from cuepipe.stages.video import Codec, VideoWriter
+    from cuepipe.stages.stream import output_writer
 
     file, codec, channels = OUTPUTS[name]
     bg = writers.enter_context(parse_background(background, width, height)) if name == "composite" else None
-    writer: FrameWriter
-    if stream is None:
-        writer = writers.enter_context(
-            VideoWriter(output_dir / file, width, height, fps, codec=Codec(codec), channels=channels, audio=audio,
-                        lazy=True))  # ffmpeg starts with the first frame, after its inference (videowriter.py)
-    else:
-        writer = writers.enter_context(StreamWriter(stream[0], width, height, channels, stream[1]))
+    # lazy: ffmpeg starts with the first frame, after its inference (videowriter.py)
+    writer = writers.enter_context(output_writer(output_dir / file, width, height, fps, codec, channels, audio, stream))
     if name in SOURCE_OUTPUTS:
         source_out = np.empty((height, width, channels), np.uint8)
 

@@ -145,8 +145,8 @@ def _trim(opts: dict[str, Any], src_fps: Fraction) -> tuple[int, int | None]:
 
 def run(input: Path, output_dir: Path, events: StageEvents | None = None, **params: Any) -> StageResult:
     """Preprocess ``input`` into ``output_dir/preprocessed.<mkv|mp4>``; see the module docstring."""
-    from cuepipe.stages.stream import StreamInfo, StreamWriter, input_audio
-    from cuepipe.stages.video import AudioSource, Codec, VideoReader, VideoWriter, check_complete, fps_fraction
+    from cuepipe.stages.stream import StreamInfo, input_audio, output_writer
+    from cuepipe.stages.video import AudioSource, Codec, VideoReader, check_complete, fps_fraction
 
     events = events or StageEvents(NAME, None)
     opts = _coerce(params)
@@ -177,9 +177,8 @@ def run(input: Path, output_dir: Path, events: StageEvents | None = None, **para
         if stream is not None:  # the next stage muxes it from the source: only a track that exists, and for an
             has = input_audio(input, reader)  # input changed in nothing, as a handed-on file would have given it
             audio = has if _changes_nothing(opts) else audio if has is not None else None
-        with (VideoWriter(output, *geometry.size, fps=out_fps, codec=codec, audio=audio) if stream is None else
-              StreamWriter(stream, *geometry.size, 3, StreamInfo(float(out_fps), expected, audio, str(input)))
-              ) as writer:
+        with output_writer(output, *geometry.size, out_fps, codec, 3, audio, None if stream is None else
+                           (stream, StreamInfo(float(out_fps), expected, audio, str(input))), lazy=False) as writer:
             events.started(input=str(input), width=geometry.size[0], height=geometry.size[1],
                            fps=float(out_fps), frames=expected, source_width=reader.width,
                            source_height=reader.height, source_fps=float(src_fps), codec=codec.value)

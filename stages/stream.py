@@ -28,14 +28,16 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cuepipe.stages.errors import ErrorKind
-from cuepipe.stages.framepipe import ClosedOrAborted
+from cuepipe.stages.framepipe import ClosedOrAborted, FrameWriter
 from cuepipe.stages.ring import (
     EndOfStream,
     RingError,
@@ -47,9 +49,9 @@ from cuepipe.stages.ring import (
     RingWriter,
 )
 from cuepipe.stages.stage import STREAM_SCHEME, StageError, is_stream
-from cuepipe.stages.videowriter import AudioSource
+from cuepipe.stages.videowriter import AudioSource, Codec, VideoWriter
 
-__all__ = ["StreamInfo", "StreamReader", "StreamWriter", "ring_name", "stream_url"]
+__all__ = ["StreamInfo", "StreamReader", "StreamWriter", "output_writer", "ring_name", "stream_url"]
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +235,17 @@ class StreamWriter(ClosedOrAborted):
         with self._lock:
             self._aborted = True
             self._ring.abort()
+
+
+def output_writer(path: Path, width: int, height: int, fps: float | Fraction, codec: Codec | str, channels: int,
+                  audio: AudioSource | None, stream: tuple[str, StreamInfo] | None,
+                  lazy: bool = True) -> AbstractContextManager[FrameWriter]:
+    """The one way a frame stage opens an output's writer (a context manager): its file's ``VideoWriter``,
+    or, when the launcher streams it (``stream``: the ring's name and what it carries), a ``StreamWriter``
+    instead. ``lazy``: ffmpeg starts with the first frame (``VideoWriter``)."""
+    if stream is not None:
+        return StreamWriter(stream[0], width, height, channels, stream[1])
+    return VideoWriter(path, width, height, fps, codec=Codec(codec), channels=channels, audio=audio, lazy=lazy)
 
 
 def open_frames(input: str | Path, channels: int, image_fps: float = 30.0) -> Any:
